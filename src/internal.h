@@ -1,0 +1,187 @@
+/* Internal interfaces shared by the host files of libclnsa. Not installed. */
+#ifndef CLNSA_INTERNAL_H
+#define CLNSA_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdio.h>
+
+#include "clnsa.h"
+
+#define CLNSA_MESSAGE_SIZE 16384
+
+/* ---- device facts the tuning table and the program cache key need ---- */
+typedef struct device_info {
+  cl_uint vendor_id;       /* 0x10DE NVIDIA, 0x1002 AMD, 0x8086 Intel, else other */
+  cl_device_type type;
+  cl_ulong local_mem;      /* bytes of local memory per work-group */
+  size_t max_wg;           /* largest work-group */
+  cl_uint compute_units;
+  cl_uint cc_major, cc_minor; /* NVIDIA compute capability, 0 elsewhere */
+  bool fp64;
+  char name[256], driver[128], platform_name[256], platform_version[256];
+} device_info;
+
+/* ---- programs: one per (kernel file, build options), built once, cached ---- */
+typedef struct program_entry {
+  char *key;          /* "file\n options" */
+  cl_program program;
+  cl_kernel *kernels; /* created on demand, parallel to names */
+  char **names;
+  int nkernels;
+} program_entry;
+
+struct clnsa_context {
+  cl_context cl;
+  cl_device_id device;
+  cl_command_queue queue;
+  device_info info;
+  program_entry *programs;
+  int nprograms;
+  char message[CLNSA_MESSAGE_SIZE];
+};
+
+/* Records a formatted message on the context and returns `status` (for `return fail(...)`). */
+clnsa_status clnsa_fail(clnsa_context *ctx, clnsa_status status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+clnsa_status clnsa_cl_fail(clnsa_context *ctx, cl_int err, const char *what);
+
+/* device.c */
+clnsa_status device_info_query(cl_device_id device, device_info *info);
+
+/* program.c: returns a kernel from `file` (a name in cl/, e.g. "attend.cl") built with
+ * `options` (the -D defines for dtypes and tunables). The shared header cl/common.cl is
+ * prepended to every program. Programs are built once per context and cached on disk. */
+clnsa_status program_kernel(clnsa_context *ctx, const char *file, const char *options,
+                            const char *kernel_name, cl_kernel *out);
+void program_release_all(clnsa_context *ctx);
+
+/* cl_sources.c (generated at build time from cl/ by tools/embed_cl.py) */
+typedef struct cl_source {
+  const char *name;
+  const unsigned char *text;
+  size_t length;
+} cl_source;
+extern const cl_source clnsa_cl_sources[];
+extern const size_t clnsa_cl_source_count;
+
+/* ---- build options: -D defines accumulated into a small string ---- */
+typedef struct build_options {
+  char text[1024];
+  size_t len;
+} build_options;
+void options_add(build_options *o, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+/* -D<ROLE>_DT=<dtype> for a tensor given to a kernel under that role name. */
+void options_add_dtype(build_options *o, const char *role, const clnsa_tensor *t);
+
+/* ---- tuning.c: per-device tunables, as -D defines ---- */
+typedef struct attend_tuning {
+  int rows;      /* query rows per work-group */
+  int key_tile;  /* keys staged in local memory per step */
+  int threads;   /* work-items per work-group */
+} attend_tuning;
+attend_tuning tuning_attend(const clnsa_context *ctx, int dk, int dv, int rows_hint);
+/* Appends CLNSA_TUNE (environment, "NAME=VALUE,NAME=VALUE") as -D defines: experiments only. */
+void tuning_env_override(build_options *o);
+
+/* ---- tensors (tensor.c) ---- */
+/* Checks a tensor's handle, dtype (allowed: bit mask of 1u << dtype), rank, shape
+ * (expected[i] < 0 means any), strides and that the buffer holds what they address. */
+clnsa_status tensor_check(clnsa_context *ctx, const clnsa_tensor *t, const char *name,
+                          int ndim, const int64_t *expected, unsigned dtype_mask);
+#define DT_FLOAT ((1u << CLNSA_F32) | (1u << CLNSA_F16) | (1u << CLNSA_BF16))
+#define DT_INT (1u << CLNSA_I32)
+/* Sets the 4 kernel arguments of a tensor: buffer, offset, and the strides of dims 0..2
+ * (batch, token, head; the last dim has stride 1). Rank-3 tensors pass 1 for dim 2... */
+cl_int tensor_set_args(cl_kernel k, cl_uint *arg, const clnsa_tensor *t);
+/* Arguments for an optional tensor: a NULL buffer and zeros. */
+cl_int tensor_set_absent_args(cl_kernel k, cl_uint *arg);
+
+/* ---- problem dimensions shared by all stages (dims.c) ---- */
+struct clnsa_seqs {
+  clnsa_context *ctx;
+  int n;
+  int block_size;
+  int32_t *host;   /* cu_q[n+1], cu_k[n+1], cu_c[n+1] back to back */
+  cl_mem device;   /* the same three arrays */
+  int total_q, total_k, total_c;
+  int max_q, max_k; /* longest sequence (for launch sizing) */
+};
+
+typedef struct nsa_dims {
+  int B, TQ, TK, HQ, H, G, DK, DV;
+  int BS, S, W;
+  int NB;          /* compressed rows per batch element (packed total with seqs) */
+  float scale;
+  const clnsa_seqs *seqs;
+} nsa_dims;
+
+/* Validates params and fills the parameter part of dims (BS, S, W, scale needs DK). */
+clnsa_status dims_params(clnsa_context *ctx, const clnsa_params *p, nsa_dims *d);
+/* From k and v (both [B,TK,H,D]); seqs may be NULL. */
+clnsa_status dims_kv(clnsa_context *ctx, const clnsa_seqs *seqs, const clnsa_tensor *k,
+                     const clnsa_tensor *v, const char *kname, const char *vname, nsa_dims *d);
+/* From q given dims_kv's result: HQ, G, TQ, and the varlen agreement. */
+clnsa_status dims_q(clnsa_context *ctx, const clnsa_tensor *q, nsa_dims *d);
+/* Expected shapes, to pass to tensor_check. */
+void dims_shape_q(const nsa_dims *d, int64_t s[4]);       /* [B,TQ,HQ,DK] */
+void dims_shape_o(const nsa_dims *d, int64_t s[4]);       /* [B,TQ,HQ,DV] */
+void dims_shape_rows(const nsa_dims *d, int64_t s[3]);    /* [B,TQ,HQ] */
+void dims_shape_kcmp(const nsa_dims *d, int64_t s[4]);    /* [B,NB,H,DK] */
+void dims_shape_vcmp(const nsa_dims *d, int64_t s[4]);    /* [B,NB,H,DV] */
+void dims_shape_idx(const nsa_dims *d, int64_t s[4]);     /* [B,TQ,H,S] */
+void dims_shape_counts(const nsa_dims *d, int64_t s[3]);  /* [B,TQ,H] */
+/* Sets the sequence arguments every kernel takes after its tensors:
+ * cu (global int*, NULL without seqs), nseq, B, TQ, TK, NB, HQ, H. */
+cl_int dims_set_seq_args(cl_kernel k, cl_uint *arg, const nsa_dims *d);
+
+/* ---- enqueue chains (launch.c): several kernels behave as one clEnqueue* call ---- */
+typedef struct enqueue_chain {
+  cl_uint nwait;
+  const cl_event *wait;
+  cl_event last;       /* event of the most recent launch, owned by the chain */
+} enqueue_chain;
+void chain_begin(enqueue_chain *c, cl_uint nwait, const cl_event *wait);
+/* Enqueues a kernel that waits on the previous link (or the caller's list). */
+clnsa_status chain_launch(clnsa_context *ctx, enqueue_chain *c, cl_kernel k, cl_uint work_dim,
+                          const size_t *global, const size_t *local);
+/* Hands the last event to the caller (or releases it); with no launch, enqueues a marker. */
+clnsa_status chain_end(clnsa_context *ctx, enqueue_chain *c, cl_event *event);
+void chain_abort(enqueue_chain *c);
+
+/* ---- stage launchers (one file each); they assume validated arguments ---- */
+clnsa_status pool_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *k,
+                          const clnsa_tensor *v, const clnsa_tensor *k_cmp,
+                          const clnsa_tensor *v_cmp, enqueue_chain *c);
+
+/* attend.c (cl/attend.cl): flash-style attention with per-row key sets. lse may be NULL. */
+clnsa_status compressed_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
+                                const clnsa_tensor *k_cmp, const clnsa_tensor *v_cmp,
+                                const clnsa_tensor *o, const clnsa_tensor *lse,
+                                enqueue_chain *c);
+clnsa_status window_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
+                            const clnsa_tensor *k, const clnsa_tensor *v, const clnsa_tensor *o,
+                            const clnsa_tensor *lse, enqueue_chain *c);
+clnsa_status selected_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
+                              const clnsa_tensor *k, const clnsa_tensor *v,
+                              const clnsa_tensor *block_indices, const clnsa_tensor *o,
+                              const clnsa_tensor *lse, enqueue_chain *c);
+/* topk.c (cl/topk.cl). block_counts may be NULL (then d->S for every query). */
+clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
+                          const clnsa_tensor *k_cmp, const clnsa_tensor *lse_cmp,
+                          const clnsa_tensor *block_counts, const clnsa_tensor *block_indices,
+                          enqueue_chain *c);
+
+#define CHECK_STATUS(expr)                                                             \
+  do {                                                                                 \
+    clnsa_status s_ = (expr);                                                          \
+    if (s_ != CLNSA_SUCCESS) return s_;                                                \
+  } while (0)
+
+#endif /* CLNSA_INTERNAL_H */

@@ -1,0 +1,49 @@
+/* Enqueue chains: a multi-kernel operation behaves like one clEnqueue* call. The first
+ * kernel waits on the caller's list, each next one on its predecessor (so out-of-order
+ * queues stay correct), and the caller receives the last event. */
+#include "internal.h"
+
+void chain_begin(enqueue_chain *c, cl_uint nwait, const cl_event *wait) {
+  c->nwait = nwait;
+  c->wait = wait;
+  c->last = NULL;
+}
+
+clnsa_status chain_launch(clnsa_context *ctx, enqueue_chain *c, cl_kernel k, cl_uint work_dim,
+                          const size_t *global, const size_t *local) {
+  for (cl_uint i = 0; i < work_dim; i++)
+    if (global[i] == 0) return CLNSA_SUCCESS; /* nothing to do for an empty grid */
+  cl_event ev = NULL;
+  cl_int err = c->last ? clEnqueueNDRangeKernel(ctx->queue, k, work_dim, NULL, global, local, 1,
+                                                &c->last, &ev)
+                       : clEnqueueNDRangeKernel(ctx->queue, k, work_dim, NULL, global, local,
+                                                c->nwait, c->nwait ? c->wait : NULL, &ev);
+  if (err != CL_SUCCESS) {
+    char name[128] = "?";
+    clGetKernelInfo(k, CL_KERNEL_FUNCTION_NAME, sizeof name - 1, name, NULL);
+    return clnsa_fail(ctx, CLNSA_ERR_OPENCL, "enqueueing kernel %s failed with OpenCL error %d",
+                      name, (int)err);
+  }
+  if (c->last) clReleaseEvent(c->last);
+  c->last = ev;
+  return CLNSA_SUCCESS;
+}
+
+clnsa_status chain_end(clnsa_context *ctx, enqueue_chain *c, cl_event *event) {
+  if (!c->last && event) {
+    cl_int err = clEnqueueMarkerWithWaitList(ctx->queue, c->nwait, c->nwait ? c->wait : NULL,
+                                             &c->last);
+    if (err != CL_SUCCESS) return clnsa_cl_fail(ctx, err, "clEnqueueMarkerWithWaitList");
+  }
+  if (event)
+    *event = c->last;
+  else if (c->last)
+    clReleaseEvent(c->last);
+  c->last = NULL;
+  return CLNSA_SUCCESS;
+}
+
+void chain_abort(enqueue_chain *c) {
+  if (c->last) clReleaseEvent(c->last);
+  c->last = NULL;
+}
