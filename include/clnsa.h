@@ -214,7 +214,10 @@ CLNSA_API clnsa_status clnsa_pool(clnsa_context *ctx, const clnsa_params *params
                                   const cl_event *event_wait_list, cl_event *event);
 
 /*! clnsa_compressed_attention() : attention of each query over the complete past
- *  compressed blocks; o_cmp = 0 and lse_cmp = -inf where there are none. lse_cmp may be NULL. */
+ *  compressed blocks; o_cmp = 0 and lse_cmp = -inf where there are none. lse_cmp may be NULL.
+ *  k_cmp does not tell TK, so without seqs the queries are taken to be the whole sequence
+ *  (TK = TQ); for TQ < TK pass seqs with n = 1, cu_seqlens_q {0, TQ}, cu_seqlens_k {0, TK}.
+ *  k_cmp must have ceil(TK/BS) rows (or the packed total), else CLNSA_ERR_SHAPE_MISMATCH. */
 CLNSA_API clnsa_status clnsa_compressed_attention(
     clnsa_context *ctx, const clnsa_params *params, const clnsa_seqs *seqs,
     const clnsa_tensor *q, const clnsa_tensor *k_cmp, const clnsa_tensor *v_cmp,
@@ -223,7 +226,9 @@ CLNSA_API clnsa_status clnsa_compressed_attention(
 
 /*! clnsa_topk() : block selection from compressed-attention probabilities summed over
  *  each GQA group (needs lse_cmp from clnsa_compressed_attention); forced blocks IC,
- *  IC-1, 0; ascending indices then -1. */
+ *  IC-1, 0; ascending indices then -1. TK is found as for clnsa_compressed_attention.
+ *  Per-query block_counts live on the device, where the host cannot check them without
+ *  blocking: the kernel clamps each into [0, S]. */
 CLNSA_API clnsa_status clnsa_topk(clnsa_context *ctx, const clnsa_params *params,
                                   const clnsa_seqs *seqs, const clnsa_tensor *q,
                                   const clnsa_tensor *k_cmp, const clnsa_tensor *lse_cmp,
@@ -242,7 +247,8 @@ CLNSA_API clnsa_status clnsa_selected_attention(
     cl_uint num_events_in_wait_list, const cl_event *event_wait_list, cl_event *event);
 
 /*! clnsa_window_attention() : causal attention over the last params->window tokens
- *  (window >= TK gives dense causal attention). lse_swa may be NULL. */
+ *  (window >= TK gives dense causal attention; window 0 is the empty key set: o = 0,
+ *  lse = -inf). lse_swa may be NULL. */
 CLNSA_API clnsa_status clnsa_window_attention(
     clnsa_context *ctx, const clnsa_params *params, const clnsa_seqs *seqs,
     const clnsa_tensor *q, const clnsa_tensor *k, const clnsa_tensor *v,
@@ -281,8 +287,10 @@ CLNSA_API clnsa_status clnsa_backward_workspace_size(clnsa_context *ctx,
                                                      const clnsa_inputs *in, size_t *bytes);
 
 /*! clnsa_workspace_create() : wraps `bytes` of `buffer` from byte `offset` (buffer
- *  retained). The handle also records which shape the last forward saved, so that a
- *  backward with another shape is refused. */
+ *  retained; offset a multiple of 4, and of 256 for the fastest loads). The handle also
+ *  records which shape the last forward saved, so that a backward with another shape is
+ *  refused. Query the size with the same inputs the forward gets: the window's regions
+ *  exist only when g_swa is given and window > 0. */
 CLNSA_API clnsa_status clnsa_workspace_create(clnsa_context *ctx, cl_mem buffer,
                                               size_t offset, size_t bytes,
                                               clnsa_workspace **out);

@@ -146,8 +146,13 @@ typedef struct enqueue_chain {
   cl_uint nwait;
   const cl_event *wait;
   cl_event last;       /* event of the most recent launch, owned by the chain */
+  bool dry_run;        /* build and set arguments, enqueue nothing */
 } enqueue_chain;
 void chain_begin(enqueue_chain *c, cl_uint nwait, const cl_event *wait);
+/* A chain that enqueues nothing: a multi-kernel operation runs its stages through one
+ * first, so that every kernel is built and every tuning check passed before the real
+ * chain enqueues anything (a failure then leaves every buffer untouched). */
+void chain_begin_dry(enqueue_chain *c);
 /* Enqueues a kernel that waits on the previous link (or the caller's list). */
 clnsa_status chain_launch(clnsa_context *ctx, enqueue_chain *c, cl_kernel k, cl_uint work_dim,
                           const size_t *global, const size_t *local);
@@ -177,6 +182,38 @@ clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
                           const clnsa_tensor *k_cmp, const clnsa_tensor *lse_cmp,
                           const clnsa_tensor *block_counts, const clnsa_tensor *block_indices,
                           enqueue_chain *c);
+
+/* ---- the whole pass (nsa.c) and its workspace ---- */
+/* Byte offsets of the forward's intermediates from the start of the workspace (each a
+ * multiple of 256; all f32 except block_indices, i32). o_swa/lse_swa are reserved only
+ * when the window branch runs (W > 0 and g_swa given), else they are 0 and unused.
+ * end: bytes the forward needs; scratch: where backward scratch starts (end rounded up
+ * to 256). */
+typedef struct ws_layout {
+  size_t k_cmp, v_cmp, o_cmp, lse_cmp, block_indices, o_slc, lse_slc, o_swa, lse_swa;
+  size_t end, scratch;
+} ws_layout;
+
+struct clnsa_workspace {
+  clnsa_context *ctx;
+  cl_mem buffer; /* retained */
+  size_t offset; /* bytes, a multiple of 4 */
+  size_t bytes;
+  struct {              /* what the last successful clnsa_forward saved */
+    bool valid;
+    nsa_dims dims;
+    clnsa_dtype q_dt, k_dt, v_dt;
+    bool g_cmp, g_slc, g_swa;   /* gates given */
+    bool window;                /* o_swa/lse_swa were computed (W > 0 and g_swa) */
+    bool compressed;            /* k_cmp, v_cmp, o_cmp, lse_cmp were computed */
+    bool caller_indices;        /* block_indices came from the caller, not the workspace */
+    bool block_counts;          /* per-query counts were given */
+    ws_layout layout;
+  } last;
+};
+
+/* backward.c: bytes of scratch the backward needs after the forward's regions. */
+size_t backward_scratch_bytes(const nsa_dims *d);
 
 #define CHECK_STATUS(expr)                                                             \
   do {                                                                                 \

@@ -1,0 +1,343 @@
+/* Compressed, selected and sliding-window attention: launches cl/attend.cl, one flash-
+ * attention kernel whose MODE picks how each query row's key set is built. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+enum { MODE_COMPRESSED = 0, MODE_WINDOW = 1, MODE_SELECTED = 2 };
+
+/* Tunables of attend_fwd (see the thread layouts at the top of cl/attend.cl). */
+typedef struct attend_config {
+  int rows, kt, wg, kw, dw;
+} attend_config;
+
+static int pow2_floor(long x) {
+  int p = 1;
+  while ((long)p * 2 <= x) p *= 2;
+  return p;
+}
+static int pow2_ceil(long x) {
+  int p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+/* Largest power of two p with p*p <= x. */
+static int pow2_sqrt(long x) {
+  int p = 1;
+  while ((long)(2 * p) * (2 * p) <= x) p *= 2;
+  return p;
+}
+static bool is_pow2(int x) {
+  return x > 0 && (x & (x - 1)) == 0;
+}
+
+/* Bytes of __local memory attend_fwd declares for a configuration. */
+static size_t attend_local_bytes(int mode, int dk, int dv, const attend_config *c) {
+  size_t kvld = (size_t)(dk + 1 > dv ? dk + 1 : dv);
+  size_t floats = (size_t)c->rows * (dk + 1) + (size_t)c->kt * kvld +
+                  (size_t)c->rows * (c->kt + 1) + (size_t)c->rows * c->kw + 4 * (size_t)c->rows;
+  size_t ints = 4 * (size_t)c->rows + (mode == MODE_SELECTED ? 2 * CLNSA_MAX_BLOCK_COUNT : 1);
+  return 4 * (floats + ints);
+}
+
+/* A value for NAME from CLNSA_TUNE ("NAME=VALUE,..."), else fallback. The same string
+ * reaches the compiler through tuning_env_override, so the host must agree with it. */
+static int tune_env_int(const char *name, int fallback) {
+  const char *s = getenv("CLNSA_TUNE");
+  size_t n = strlen(name);
+  while (s && *s) {
+    if (!strncmp(s, name, n) && s[n] == '=') return atoi(s + n + 1);
+    s = strchr(s, ',');
+    if (s) s++;
+  }
+  return fallback;
+}
+
+/* Register tiles: an item owning a x b outputs loads a + b values per step, so the
+ * splits keep a and b near equal (KW keys x RA rows; DW columns x RB rows). */
+static void attend_split(attend_config *c, int dv) {
+  const int min_lanes = c->wg / c->rows; /* fewer lanes leave row groups without rows */
+  int kw = pow2_sqrt((long)c->wg * c->kt / c->rows);
+  kw = kw < min_lanes ? min_lanes : kw;
+  c->kw = kw > c->kt ? c->kt : kw; /* then some row groups idle (ROWS * KT < WG) */
+  int dw = pow2_sqrt((long)c->wg * dv / c->rows);
+  dw = dw < min_lanes ? min_lanes : dw;
+  if (dw > pow2_ceil(dv) && pow2_ceil(dv) >= min_lanes) dw = pow2_ceil(dv);
+  c->dw = dw > c->wg ? c->wg : dw;
+  c->kw = tune_env_int("KW", c->kw);
+  c->dw = tune_env_int("DW", c->dw);
+}
+
+static bool attend_valid(const attend_config *c) {
+  return is_pow2(c->rows) && is_pow2(c->kt) && is_pow2(c->wg) && is_pow2(c->kw) && is_pow2(c->dw) &&
+         c->rows <= c->wg && c->kw <= c->kt && c->kw <= c->wg && c->dw <= c->wg;
+}
+
+/* Rows per group before local memory shrinks them: 32 rows share each K/V tile. On an
+ * H200 (D=128, bf16) 32 rows ran the compressed and window branches 25% faster than 16. */
+#define ATTEND_ROWS 32
+
+/* Sizes from the device's tuning, then keys per tile and rows halved until the local
+ * arrays fit. The selected branch gives a group only the G heads of one token, so it
+ * takes fewer rows (and longer key tiles) when G is small. */
+static clnsa_status attend_configure(clnsa_context *ctx, int mode, const nsa_dims *d,
+                                     attend_config *c) {
+  attend_tuning t = tuning_attend(ctx, d->DK, d->DV, ATTEND_ROWS);
+  c->wg = pow2_floor(t.threads > 1 ? t.threads : 1);
+  c->rows = pow2_floor(t.rows > 1 ? t.rows : 1);
+  if (mode == MODE_SELECTED && pow2_ceil(d->G) < c->rows) c->rows = pow2_ceil(d->G);
+  if (c->rows > c->wg) c->rows = c->wg;
+  c->kt = c->rows <= 4 ? 64 : 32;
+  c->rows = tune_env_int("ROWS", c->rows);
+  c->kt = tune_env_int("KT", c->kt);
+  c->wg = tune_env_int("WG", c->wg);
+  const bool fixed = tune_env_int("ROWS", 0) || tune_env_int("KT", 0);
+  size_t budget = ctx->info.local_mem > 2048 ? (size_t)ctx->info.local_mem - 1024 : 32768;
+  for (;;) {
+    attend_split(c, d->DV);
+    if (!attend_valid(c))
+      return clnsa_fail(ctx, CLNSA_ERR_INVALID_ARGUMENT,
+                        "attend_fwd: ROWS=%d KT=%d WG=%d KW=%d DW=%d is not a valid layout "
+                        "(check CLNSA_TUNE)",
+                        c->rows, c->kt, c->wg, c->kw, c->dw);
+    if (attend_local_bytes(mode, d->DK, d->DV, c) <= budget) break;
+    if (fixed || (c->kt <= 8 && c->rows <= 1))
+      return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED,
+                        "attend_fwd: %zu bytes of local memory needed, the device has %zu",
+                        attend_local_bytes(mode, d->DK, d->DV, c), budget);
+    if (c->kt > 8)
+      c->kt /= 2;
+    else
+      c->rows /= 2;
+  }
+  if ((size_t)c->wg > ctx->info.max_wg)
+    return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED, "attend_fwd: work-group %d > device limit %zu",
+                      c->wg, ctx->info.max_wg);
+  return CLNSA_SUCCESS;
+}
+
+/* 1 when the rows of t (head dim `dim`) can be read in aligned 16-byte units: offset,
+ * strides and the head dim are whole units (buffers are aligned far beyond 16 bytes). */
+static int rows_vec16(const clnsa_tensor *t, int dim) {
+  const int64_t n = 16 / (int64_t)clnsa_dtype_size(t->dtype);
+  if (t->offset % (size_t)n || dim % n) return 0;
+  for (int i = 0; i < 3; i++)
+    if (t->strides[i] % n) return 0;
+  return 1;
+}
+
+/* One launch of attend_fwd. bi is used in MODE_SELECTED only; lse may be NULL. */
+static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims *d,
+                                   const clnsa_tensor *q, const clnsa_tensor *k,
+                                   const clnsa_tensor *v, const clnsa_tensor *bi,
+                                   const clnsa_tensor *o, const clnsa_tensor *lse,
+                                   enqueue_chain *c) {
+  /* The kernel numbers query rows (token * G + g) and tiles in int. */
+  if ((size_t)d->B * (size_t)d->TQ * (size_t)d->HQ > (size_t)INT32_MAX)
+    return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED, "attend_fwd: more than 2^31 query rows");
+  attend_config cfg;
+  CHECK_STATUS(attend_configure(ctx, mode, d, &cfg));
+  build_options opt = {{0}, 0};
+  options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DKW=%d -DDW=%d", mode,
+              d->DK, d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.kw, cfg.dw);
+  if (mode != MODE_WINDOW) options_add(&opt, " -DBS=%d", d->BS);
+  /* On an H200 (bf16, D=128) 16-byte loads ran the selected branch 1.7-2.4x faster;
+   * the register prefetch gained nothing there (and makes PoCL builds 3x longer), so it
+   * stays a tunable, off by default. */
+  const int vec = tune_env_int("VEC", 1);
+  options_add(&opt, " -DHAS_LSE=%d -DPREFETCH=%d -DVEC_K=%d -DVEC_V=%d", lse ? 1 : 0,
+              tune_env_int("PREFETCH", 0), vec && rows_vec16(k, d->DK),
+              vec && rows_vec16(v, d->DV));
+  options_add_dtype(&opt, "Q", q);
+  options_add_dtype(&opt, "K", k);
+  options_add_dtype(&opt, "V", v);
+  options_add_dtype(&opt, "O", o);
+  tuning_env_override(&opt);
+  cl_kernel kern;
+  CHECK_STATUS(program_kernel(ctx, "attend.cl", opt.text, "attend_fwd", &kern));
+
+  /* Groups: row tiles of every sequence (MODE 0/1), or ROWS-head chunks of every query. */
+  size_t groups, G = (size_t)d->G;
+  cl_int tiles;
+  if (mode == MODE_SELECTED) {
+    tiles = (cl_int)((G + cfg.rows - 1) / cfg.rows);
+    groups = (size_t)d->B * (size_t)d->TQ * (size_t)tiles;
+  } else {
+    size_t maxq = d->seqs ? (size_t)d->seqs->max_q : (size_t)d->TQ;
+    size_t nseg = d->seqs ? (size_t)d->seqs->n : (size_t)d->B;
+    tiles = (cl_int)((maxq * G + cfg.rows - 1) / cfg.rows);
+    groups = nseg * (size_t)tiles;
+  }
+  cl_uint arg = 0;
+  cl_float scale = d->scale;
+  cl_int W = d->W, S = d->S;
+  cl_int err = tensor_set_args(kern, &arg, q);
+  err |= tensor_set_args(kern, &arg, k);
+  err |= tensor_set_args(kern, &arg, v);
+  err |= bi ? tensor_set_args(kern, &arg, bi) : tensor_set_absent_args(kern, &arg);
+  err |= tensor_set_args(kern, &arg, o);
+  err |= lse ? tensor_set_args(kern, &arg, lse) : tensor_set_absent_args(kern, &arg);
+  err |= dims_set_seq_args(kern, &arg, d);
+  err |= clSetKernelArg(kern, arg++, sizeof scale, &scale);
+  err |= clSetKernelArg(kern, arg++, sizeof W, &W);
+  err |= clSetKernelArg(kern, arg++, sizeof S, &S);
+  err |= clSetKernelArg(kern, arg++, sizeof tiles, &tiles);
+  if (err != CL_SUCCESS) return clnsa_cl_fail(ctx, err, "clSetKernelArg(attend_fwd)");
+  size_t local[2] = {(size_t)cfg.wg, 1};
+  size_t global[2] = {groups * (size_t)cfg.wg, (size_t)d->H};
+  return chain_launch(ctx, c, kern, 2, global, local);
+}
+
+clnsa_status compressed_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
+                                const clnsa_tensor *k_cmp, const clnsa_tensor *v_cmp,
+                                const clnsa_tensor *o, const clnsa_tensor *lse, enqueue_chain *c) {
+  return attend_enqueue(ctx, MODE_COMPRESSED, d, q, k_cmp, v_cmp, NULL, o, lse, c);
+}
+
+clnsa_status window_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
+                            const clnsa_tensor *k, const clnsa_tensor *v, const clnsa_tensor *o,
+                            const clnsa_tensor *lse, enqueue_chain *c) {
+  return attend_enqueue(ctx, MODE_WINDOW, d, q, k, v, NULL, o, lse, c);
+}
+
+clnsa_status selected_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
+                              const clnsa_tensor *k, const clnsa_tensor *v,
+                              const clnsa_tensor *block_indices, const clnsa_tensor *o,
+                              const clnsa_tensor *lse, enqueue_chain *c) {
+  return attend_enqueue(ctx, MODE_SELECTED, d, q, k, v, block_indices, o, lse, c);
+}
+
+/* ---- public entry points: validate everything, then enqueue as one chain ---- */
+
+/* o [B,TQ,HQ,DV] in any float dtype; lse (optional) [B,TQ,HQ] f32. */
+static clnsa_status check_outputs(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *o,
+                                  const char *oname, const clnsa_tensor *lse, const char *lname) {
+  int64_t so[4], sl[3];
+  dims_shape_o(d, so);
+  dims_shape_rows(d, sl);
+  CHECK_STATUS(tensor_check(ctx, o, oname, 4, so, DT_FLOAT));
+  if (lse) CHECK_STATUS(tensor_check(ctx, lse, lname, 3, sl, 1u << CLNSA_F32));
+  return CLNSA_SUCCESS;
+}
+
+static clnsa_status finish_chain(clnsa_context *ctx, enqueue_chain *c, clnsa_status st,
+                                 cl_event *event) {
+  if (st != CLNSA_SUCCESS) {
+    chain_abort(c);
+    return st;
+  }
+  return chain_end(ctx, c, event);
+}
+
+static clnsa_status check_head_dim(clnsa_context *ctx, const char *name, int64_t dim) {
+  if (dim < 1 || dim > CLNSA_MAX_HEAD_DIM)
+    return clnsa_fail(ctx, CLNSA_ERR_HEAD_DIM, "%s: head dimension %lld is outside [1, %d]", name,
+                      (long long)dim, CLNSA_MAX_HEAD_DIM);
+  return CLNSA_SUCCESS;
+}
+
+/* Dimensions of the compressed branch. k_cmp/v_cmp do not tell TK, which positions
+ * need: it is seqs->total_k with seqs (so a single sequence with TQ < TK is described
+ * by seqs with n = 1), else TQ. NB must then be ceil(TK/BS) (or the packed total). */
+static clnsa_status dims_compressed(clnsa_context *ctx, const clnsa_seqs *seqs,
+                                    const clnsa_tensor *q, const clnsa_tensor *k_cmp,
+                                    const clnsa_tensor *v_cmp, nsa_dims *d) {
+  if (!q) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "q is NULL");
+  if (!k_cmp) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "k_cmp is NULL");
+  if (!v_cmp) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "v_cmp is NULL");
+  if (q->ndim != 4) return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "q must have rank 4");
+  if (k_cmp->ndim != 4 || v_cmp->ndim != 4)
+    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp and v_cmp must have rank 4");
+  CHECK_STATUS(check_head_dim(ctx, "k_cmp", k_cmp->shape[3]));
+  CHECK_STATUS(check_head_dim(ctx, "v_cmp", v_cmp->shape[3]));
+  if (k_cmp->shape[2] < 1 || k_cmp->shape[2] > 65536)
+    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp: %lld kv heads",
+                      (long long)k_cmp->shape[2]);
+  if (k_cmp->shape[0] > (1 << 20) || k_cmp->shape[1] > (1 << 30) || q->shape[1] > (1 << 30))
+    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp or q: batch or length too large");
+  int64_t vshape[4] = {k_cmp->shape[0], k_cmp->shape[1], k_cmp->shape[2], -1};
+  CHECK_STATUS(tensor_check(ctx, k_cmp, "k_cmp", 4, NULL, DT_FLOAT));
+  CHECK_STATUS(tensor_check(ctx, v_cmp, "v_cmp", 4, vshape, DT_FLOAT));
+  d->B = (int)k_cmp->shape[0];
+  d->H = (int)k_cmp->shape[2];
+  d->DK = (int)k_cmp->shape[3];
+  d->DV = (int)v_cmp->shape[3];
+  d->seqs = seqs;
+  if (seqs) {
+    if (seqs->ctx != ctx)
+      return clnsa_fail(ctx, CLNSA_ERR_INVALID_ARGUMENT, "seqs belongs to another context");
+    if (seqs->block_size != d->BS)
+      return clnsa_fail(ctx, CLNSA_ERR_CU_SEQLENS, "seqs was made for block size %d, not %d",
+                        seqs->block_size, d->BS);
+    if (d->B != 1)
+      return clnsa_fail(ctx, CLNSA_ERR_CU_SEQLENS, "varlen needs B = 1, k_cmp has B = %d", d->B);
+    d->TK = seqs->total_k;
+    d->NB = seqs->total_c;
+  } else {
+    d->TK = (int)q->shape[1];
+    d->NB = (d->TK + d->BS - 1) / d->BS;
+  }
+  if (k_cmp->shape[1] != d->NB)
+    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH,
+                      "k_cmp has %lld compressed rows, expected %d for %d keys of block size "
+                      "%d (without seqs, keys = queries)",
+                      (long long)k_cmp->shape[1], d->NB, d->TK, d->BS);
+  if (d->scale == 0) d->scale = (float)(1.0 / sqrt((double)d->DK));
+  return dims_q(ctx, q, d);
+}
+
+clnsa_status clnsa_compressed_attention(clnsa_context *ctx, const clnsa_params *params,
+                                        const clnsa_seqs *seqs, const clnsa_tensor *q,
+                                        const clnsa_tensor *k_cmp, const clnsa_tensor *v_cmp,
+                                        const clnsa_tensor *o_cmp, const clnsa_tensor *lse_cmp,
+                                        cl_uint nwait, const cl_event *wait, cl_event *event) {
+  if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
+  nsa_dims d = {0};
+  CHECK_STATUS(dims_params(ctx, params, &d));
+  CHECK_STATUS(dims_compressed(ctx, seqs, q, k_cmp, v_cmp, &d));
+  CHECK_STATUS(check_outputs(ctx, &d, o_cmp, "o_cmp", lse_cmp, "lse_cmp"));
+  enqueue_chain c;
+  chain_begin(&c, nwait, wait);
+  return finish_chain(ctx, &c, compressed_enqueue(ctx, &d, q, k_cmp, v_cmp, o_cmp, lse_cmp, &c),
+                      event);
+}
+
+clnsa_status clnsa_window_attention(clnsa_context *ctx, const clnsa_params *params,
+                                    const clnsa_seqs *seqs, const clnsa_tensor *q,
+                                    const clnsa_tensor *k, const clnsa_tensor *v,
+                                    const clnsa_tensor *o_swa, const clnsa_tensor *lse_swa,
+                                    cl_uint nwait, const cl_event *wait, cl_event *event) {
+  if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
+  nsa_dims d = {0};
+  CHECK_STATUS(dims_params(ctx, params, &d));
+  CHECK_STATUS(dims_kv(ctx, seqs, k, v, "k", "v", &d));
+  CHECK_STATUS(dims_q(ctx, q, &d));
+  CHECK_STATUS(check_outputs(ctx, &d, o_swa, "o_swa", lse_swa, "lse_swa"));
+  enqueue_chain c;
+  chain_begin(&c, nwait, wait);
+  return finish_chain(ctx, &c, window_enqueue(ctx, &d, q, k, v, o_swa, lse_swa, &c), event);
+}
+
+clnsa_status clnsa_selected_attention(clnsa_context *ctx, const clnsa_params *params,
+                                      const clnsa_seqs *seqs, const clnsa_tensor *q,
+                                      const clnsa_tensor *k, const clnsa_tensor *v,
+                                      const clnsa_tensor *block_indices, const clnsa_tensor *o_slc,
+                                      const clnsa_tensor *lse_slc, cl_uint nwait,
+                                      const cl_event *wait, cl_event *event) {
+  if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
+  nsa_dims d = {0};
+  CHECK_STATUS(dims_params(ctx, params, &d));
+  CHECK_STATUS(dims_kv(ctx, seqs, k, v, "k", "v", &d));
+  CHECK_STATUS(dims_q(ctx, q, &d));
+  int64_t si[4];
+  dims_shape_idx(&d, si);
+  CHECK_STATUS(tensor_check(ctx, block_indices, "block_indices", 4, si, DT_INT));
+  CHECK_STATUS(check_outputs(ctx, &d, o_slc, "o_slc", lse_slc, "lse_slc"));
+  enqueue_chain c;
+  chain_begin(&c, nwait, wait);
+  return finish_chain(ctx, &c,
+                      selected_enqueue(ctx, &d, q, k, v, block_indices, o_slc, lse_slc, &c), event);
+}

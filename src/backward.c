@@ -1,0 +1,668 @@
+/* Backward pass (semantics section 7): launches cl/grad_gates.cl, cl/select_mask.cl,
+ * cl/attend_bwd.cl and cl/grad_finalize.cl as one enqueue chain.
+ *
+ * Data flow (branches: selected always; compressed when g_cmp was given; window when
+ * W > 0 and g_swa was given):
+ *   bwd_gate_grads       do, o_x (workspace), gates -> dg_x; gate_x, delta_x = dO_x . o_x
+ *   select_mask_build    block indices -> mask: which tokens selected each block
+ *   select_mask_chunks   mask -> counts: chunks of about SEL_CHUNK tokens per mask row
+ *   select_chunk_scan    counts -> offsets (exclusive prefix sum)
+ *   select_mask_chunks   mask, offsets -> slot_row, slot_word (each chunk's row and start)
+ *   bwd_dq_selected      (=)  \
+ *   bwd_dq_compressed    (+=)  > q, k|k_cmp, v|v_cmp, do, lse_x, gate_x, delta_x -> dq_acc
+ *   bwd_dq_window        (+=) /
+ *   bwd_dkdv_selected    one work-group per (chunk, key slice): the chunk's tokens, all G
+ *                        heads -> selected partial sums per chunk
+ *   bwd_dkdv_window      one work-group per key tile -> window dk/dv
+ *   bwd_dkdv_compressed  one work-group per (block tile, token chunk) -> compressed
+ *                        partial sums per token chunk
+ *   bwd_reduce_chunks    (twice) compressed partials -> dk_cmp, dv_cmp
+ *   bwd_finalize_q       dq_acc -> dq
+ *   bwd_finalize_kv      sum of the block's selected partials + window + dk_cmp[c]/len(c)
+ *                        -> dk, dv
+ * Every element of every accumulator has one writer per kernel, partial sums are added
+ * in a fixed order, and kernels that read each other's results are ordered by the chain:
+ * no atomics on data, and the gradients are bit-identical from run to run. Splitting the
+ * key-side work into chunks keeps work-groups busy when one block is selected by every
+ * token (block 0 is) and when the pooled keys are few.
+ *
+ * Scratch (after the forward's regions, at ws->last.layout.scratch; each region aligned
+ * to 256 bytes; NR = B*TQ*HQ query rows, NK = B*TK*H key rows, NC = B*NB*H pooled rows
+ * (also the mask rows), NCH = ceil(longest sequence / 32), P = compressed token chunks,
+ * SLOTS = H*(B*TQ*S / SEL_CHUNK + B*NB) bounds the selected chunks):
+ *   f32: gate [3, NR]  delta [3, NR]  dq_acc [NR, DK]  window dk [NK, DK], dv [NK, DV]
+ *        compressed partials [P, NC, DK], [P, NC, DV]  dk_cmp [NC, DK]  dv_cmp [NC, DV]
+ *        selected partials [SLOTS, BS, DK], [SLOTS, BS, DV]
+ *   u32/i32: mask [NC, NCH]  counts [NC]  offsets [NC + 1]  slot_row, slot_word [SLOTS]
+ * Every kernel is built before the first launch, so a build failure enqueues nothing. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define SCRATCH_ALIGN 256
+#define BRANCH_SLC 0
+#define BRANCH_CMP 1
+#define BRANCH_SWA 2
+#define SEL_CHUNK 1024    /* tokens per chunk of a block's selecting tokens */
+#define CMP_CHUNK_MIN 256 /* tokens per chunk of the compressed key-side work, at least */
+#define CMP_CHUNKS_MAX 32 /* and at most this many chunks */
+
+/* ---- scratch layout ---- */
+typedef struct bwd_layout {
+  /* bytes from the scratch start */
+  size_t gate, delta, dq, win_k, win_v, cmp_pk, cmp_pv, cmp_k, cmp_v, sel_k, sel_v;
+  size_t mask, counts, offsets, slot_row, slot_word, end;
+  int nch;        /* mask words per row */
+  int cmp_chunks; /* P */
+  int cmp_tokens; /* tokens per compressed chunk */
+  size_t slots;   /* bound on the selected chunks */
+} bwd_layout;
+
+static size_t reserve(size_t *at, size_t elems) {
+  size_t off = (*at + SCRATCH_ALIGN - 1) / SCRATCH_ALIGN * SCRATCH_ALIGN;
+  *at = off + 4 * elems;
+  return off;
+}
+
+static int longest_sequence(const nsa_dims *d) {
+  return d->seqs ? d->seqs->max_q : d->TQ;
+}
+
+static void scratch_layout(const nsa_dims *d, bwd_layout *l) {
+  const size_t nr = (size_t)d->B * d->TQ * d->HQ, nk = (size_t)d->B * d->TK * d->H;
+  const size_t nc = (size_t)d->B * d->NB * d->H, len = (size_t)longest_sequence(d);
+  size_t p = (len + CMP_CHUNK_MIN - 1) / CMP_CHUNK_MIN;
+  p = p < 1 ? 1 : p > CMP_CHUNKS_MAX ? CMP_CHUNKS_MAX : p;
+  l->cmp_chunks = (int)p;
+  l->cmp_tokens = len ? (int)((len + p - 1) / p) : 1;
+  l->nch = (int)((len + 31) / 32);
+  l->slots = (size_t)d->H * ((size_t)d->B * d->TQ * d->S / SEL_CHUNK + (size_t)d->B * d->NB);
+  size_t at = 0;
+  l->gate = reserve(&at, 3 * nr);
+  l->delta = reserve(&at, 3 * nr);
+  l->dq = reserve(&at, nr * d->DK);
+  l->win_k = reserve(&at, nk * d->DK);
+  l->win_v = reserve(&at, nk * d->DV);
+  l->cmp_pk = reserve(&at, p * nc * d->DK);
+  l->cmp_pv = reserve(&at, p * nc * d->DV);
+  l->cmp_k = reserve(&at, nc * d->DK);
+  l->cmp_v = reserve(&at, nc * d->DV);
+  l->sel_k = reserve(&at, l->slots * d->BS * d->DK);
+  l->sel_v = reserve(&at, l->slots * d->BS * d->DV);
+  l->mask = reserve(&at, nc * (size_t)l->nch);
+  l->counts = reserve(&at, nc);
+  l->offsets = reserve(&at, nc + 1);
+  l->slot_row = reserve(&at, l->slots);
+  l->slot_word = reserve(&at, l->slots);
+  l->end = at;
+}
+
+/* Backward is defined only where every sequence's queries are all its tokens. */
+static bool full_sequences(const nsa_dims *d) {
+  if (!d->seqs) return d->TQ == d->TK;
+  const int32_t *cq = d->seqs->host, *ck = d->seqs->host + d->seqs->n + 1;
+  for (int i = 0; i < d->seqs->n; i++)
+    if (cq[i + 1] - cq[i] != ck[i + 1] - ck[i]) return false;
+  return true;
+}
+
+size_t backward_scratch_bytes(const nsa_dims *d) {
+  if (!full_sequences(d)) return 0; /* no backward exists */
+  bwd_layout l;
+  scratch_layout(d, &l);
+  return l.end;
+}
+
+/* ---- tuning: tiles of cl/attend_bwd.cl that fit the device's local memory ---- */
+typedef struct bwd_tuning {
+  int threads, qrows, qkeys, krows, kkeys, mask_words, scan_wg;
+} bwd_tuning;
+
+/* Local bytes of one tile of cl/attend_bwd.cl (TILE_FLOATS + TILE_INTS). */
+static size_t tile_bytes(int dk, int dv, int rows, int keys) {
+  const size_t r = (size_t)rows, k = (size_t)keys, w = (size_t)dk + dv + 2;
+  return 4 * (r * w + k * w + 2 * r * (k + 1) + 3 * r + 4 * r + k);
+}
+
+static void fit_tile(size_t budget, size_t extra, int dk, int dv, int *rows, int *keys) {
+  while (tile_bytes(dk, dv, *rows, *keys) + extra > budget && (*rows > 1 || *keys > 1)) {
+    if (*keys >= *rows && *keys > 1)
+      *keys /= 2;
+    else
+      *rows /= 2;
+  }
+}
+
+/* CLNSA_TUNE="NAME=VALUE,..." may set THREADS, QROWS, QKEYS, KROWS, KKEYS (experiments;
+ * powers of two). */
+static void tune_from_env(bwd_tuning *t) {
+  const char *env = getenv("CLNSA_TUNE");
+  if (!env) return;
+  const char *names[5] = {"THREADS=", "QROWS=", "QKEYS=", "KROWS=", "KKEYS="};
+  int *fields[5] = {&t->threads, &t->qrows, &t->qkeys, &t->krows, &t->kkeys};
+  for (int i = 0; i < 5; i++) {
+    const char *at = strstr(env, names[i]);
+    int v = at ? atoi(at + strlen(names[i])) : 0;
+    if (v > 0 && (at == env || at[-1] == ',')) *fields[i] = v;
+  }
+}
+
+static bwd_tuning tuning_backward(const clnsa_context *ctx, int dk, int dv, int G) {
+  const device_info *info = &ctx->info;
+  const bool cpu = (info->type & CL_DEVICE_TYPE_CPU) != 0;
+  bwd_tuning t = {cpu ? 64 : 128, 16, 16, 16, 16, 16, 256};
+  if (!cpu && G <= 8) { /* dq rows are (token, head) pairs: few heads, longer key tiles */
+    t.qrows = 8;
+    t.qkeys = 32;
+  }
+  const size_t budget = info->local_mem > 2048 ? (size_t)info->local_mem - 1024 : 32768;
+  tune_from_env(&t);
+  while ((size_t)t.threads > info->max_wg && t.threads > 1) t.threads /= 2;
+  while ((size_t)t.scan_wg > info->max_wg && t.scan_wg > 1) t.scan_wg /= 2;
+  t.mask_words = t.threads < 16 ? t.threads : 16;
+  /* cl/attend_bwd.cl spreads a tile's keys over the work-items: at most one per item */
+  t.qkeys = t.qkeys > t.threads ? t.threads : t.qkeys;
+  t.kkeys = t.kkeys > t.threads ? t.threads : t.kkeys;
+  fit_tile(budget, 4 * 3 * CLNSA_MAX_BLOCK_COUNT, dk, dv, &t.qrows, &t.qkeys);
+  fit_tile(budget, 4 * 33 * (size_t)t.mask_words, dk, dv, &t.krows, &t.kkeys);
+  return t;
+}
+
+/* ---- validation ---- */
+static clnsa_status check_rows(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *t,
+                               const char *name) {
+  if (!t) return CLNSA_SUCCESS;
+  int64_t s[3];
+  dims_shape_rows(d, s);
+  return tensor_check(ctx, t, name, 3, s, DT_FLOAT);
+}
+
+static clnsa_status check_inputs(clnsa_context *ctx, const clnsa_params *params,
+                                 const clnsa_inputs *in, nsa_dims *d) {
+  if (!in) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "inputs are NULL");
+  memset(d, 0, sizeof *d);
+  CHECK_STATUS(dims_params(ctx, params, d));
+  CHECK_STATUS(dims_kv(ctx, in->seqs, in->k, in->v, "k", "v", d));
+  CHECK_STATUS(dims_q(ctx, in->q, d));
+  CHECK_STATUS(check_rows(ctx, d, in->g_cmp, "g_cmp"));
+  CHECK_STATUS(check_rows(ctx, d, in->g_slc, "g_slc"));
+  CHECK_STATUS(check_rows(ctx, d, in->g_swa, "g_swa"));
+  int64_t si[4], sc[3];
+  dims_shape_idx(d, si);
+  dims_shape_counts(d, sc);
+  if (in->block_indices)
+    CHECK_STATUS(tensor_check(ctx, in->block_indices, "block_indices", 4, si, DT_INT));
+  if (in->block_counts)
+    CHECK_STATUS(tensor_check(ctx, in->block_counts, "block_counts", 3, sc, DT_INT));
+  return CLNSA_SUCCESS;
+}
+
+static clnsa_status check_grads(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
+                                const clnsa_grads *g) {
+  if (!g) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "grads is NULL");
+  CHECK_STATUS(tensor_check(ctx, g->dq, "dq", 4, in->q->shape, DT_FLOAT));
+  CHECK_STATUS(tensor_check(ctx, g->dk, "dk", 4, in->k->shape, DT_FLOAT));
+  CHECK_STATUS(tensor_check(ctx, g->dv, "dv", 4, in->v->shape, DT_FLOAT));
+  const clnsa_tensor *dg[3] = {g->dg_cmp, g->dg_slc, g->dg_swa};
+  const clnsa_tensor *gate[3] = {in->g_cmp, in->g_slc, in->g_swa};
+  const char *name[3] = {"dg_cmp", "dg_slc", "dg_swa"};
+  for (int i = 0; i < 3; i++) {
+    if (dg[i] && !gate[i])
+      return clnsa_fail(ctx, CLNSA_ERR_INVALID_ARGUMENT, "%s is given but its gate is not",
+                        name[i]);
+    CHECK_STATUS(check_rows(ctx, d, dg[i], name[i]));
+  }
+  return CLNSA_SUCCESS;
+}
+
+static bool same_dims(const nsa_dims *a, const nsa_dims *b) {
+  return a->B == b->B && a->TQ == b->TQ && a->TK == b->TK && a->HQ == b->HQ && a->H == b->H &&
+         a->DK == b->DK && a->DV == b->DV && a->BS == b->BS && a->S == b->S && a->W == b->W &&
+         a->NB == b->NB && a->scale == b->scale && a->seqs == b->seqs;
+}
+
+static clnsa_status check_workspace(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
+                                    const clnsa_workspace *ws) {
+  if (!ws) return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE, "workspace is NULL");
+  if (ws->ctx != ctx)
+    return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE, "workspace belongs to another clnsa context");
+  if (!ws->last.valid)
+    return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE, "no forward has been recorded in this workspace");
+  if (!same_dims(d, &ws->last.dims) || ws->last.g_cmp != (in->g_cmp != NULL) ||
+      ws->last.g_slc != (in->g_slc != NULL) || ws->last.g_swa != (in->g_swa != NULL) ||
+      ws->last.caller_indices != (in->block_indices != NULL) ||
+      ws->last.block_counts != (in->block_counts != NULL) || ws->last.q_dt != in->q->dtype ||
+      ws->last.k_dt != in->k->dtype || ws->last.v_dt != in->v->dtype)
+    return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE,
+                      "the workspace holds a forward of other shapes, parameters or inputs");
+  if (!full_sequences(d))
+    return clnsa_fail(ctx, CLNSA_ERR_NO_BACKWARD,
+                      "backward needs every query sequence to cover its keys (TQ = TK)");
+  const size_t scratch = backward_scratch_bytes(d); /* as clnsa_backward_workspace_size */
+  const size_t need = scratch ? ws->last.layout.scratch + scratch : ws->last.layout.end;
+  if (ws->bytes < need)
+    return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE,
+                      "workspace has %zu bytes, the backward needs %zu "
+                      "(clnsa_backward_workspace_size)",
+                      ws->bytes, need);
+  return CLNSA_SUCCESS;
+}
+
+/* ---- the plan: inputs, saved views, scratch offsets and the built kernels ---- */
+typedef struct bwd_plan {
+  const nsa_dims *d;
+  const clnsa_inputs *in;
+  const clnsa_tensor *d_o;
+  const clnsa_grads *g;
+  bool cmp, swa; /* branches that ran besides the selected one */
+  bwd_tuning tune;
+  bwd_layout lay;
+  cl_mem buf;                                   /* the workspace buffer */
+  cl_long base;                                 /* element offset of the scratch in buf */
+  clnsa_tensor idx, k_cmp, v_cmp, o[3], lse[3]; /* saved by the forward, by branch */
+  cl_kernel gates, mask, chunks, scan, dq[3], dkdv[3], reduce, fin_q, fin_kv;
+} bwd_plan;
+
+static clnsa_tensor ws_view(const clnsa_workspace *ws, size_t byte_off, clnsa_dtype dt, int ndim,
+                            const int64_t *shape) {
+  return clnsa_tensor_make(ws->buffer, (ws->offset + byte_off) / 4, dt, ndim, shape);
+}
+
+static void plan_views(bwd_plan *p, const clnsa_workspace *ws) {
+  const nsa_dims *d = p->d;
+  const ws_layout *l = &ws->last.layout;
+  int64_t skc[4], svc[4], so[4], sr[3], si[4];
+  dims_shape_kcmp(d, skc);
+  dims_shape_vcmp(d, svc);
+  dims_shape_o(d, so);
+  dims_shape_rows(d, sr);
+  dims_shape_idx(d, si);
+  p->idx = p->in->block_indices ? *p->in->block_indices
+                                : ws_view(ws, l->block_indices, CLNSA_I32, 4, si);
+  p->k_cmp = ws_view(ws, l->k_cmp, CLNSA_F32, 4, skc);
+  p->v_cmp = ws_view(ws, l->v_cmp, CLNSA_F32, 4, svc);
+  p->o[BRANCH_SLC] = ws_view(ws, l->o_slc, CLNSA_F32, 4, so);
+  p->o[BRANCH_CMP] = ws_view(ws, l->o_cmp, CLNSA_F32, 4, so);
+  p->o[BRANCH_SWA] = ws_view(ws, l->o_swa, CLNSA_F32, 4, so);
+  p->lse[BRANCH_SLC] = ws_view(ws, l->lse_slc, CLNSA_F32, 3, sr);
+  p->lse[BRANCH_CMP] = ws_view(ws, l->lse_cmp, CLNSA_F32, 3, sr);
+  p->lse[BRANCH_SWA] = ws_view(ws, l->lse_swa, CLNSA_F32, 3, sr);
+  p->buf = ws->buffer;
+  p->base = (cl_long)((ws->offset + l->scratch) / 4);
+}
+
+/* -D<ROLE>_DT of an optional tensor; an absent one takes `fallback`, so that the option
+ * string (and the cached program) does not change with which gates are given. */
+static void add_dtype_or(build_options *o, const char *role, const clnsa_tensor *t,
+                         clnsa_dtype fallback) {
+  options_add(o, " -D%s_DT=%d", role, (int)(t ? t->dtype : fallback));
+}
+
+static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
+  const nsa_dims *d = p->d;
+  const clnsa_inputs *in = p->in;
+  const clnsa_grads *g = p->g;
+  const clnsa_dtype dt = p->d_o->dtype;
+  build_options o = {{0}, 0};
+  options_add(&o,
+              "-DDK=%d -DDV=%d -DTHREADS=%d -DQROWS=%d -DQKEYS=%d -DKROWS=%d -DKKEYS=%d "
+              "-DMASK_WORDS=%d",
+              d->DK, d->DV, p->tune.threads, p->tune.qrows, p->tune.qkeys, p->tune.krows,
+              p->tune.kkeys, p->tune.mask_words);
+  options_add_dtype(&o, "Q", in->q);
+  options_add_dtype(&o, "K", in->k);
+  options_add_dtype(&o, "V", in->v);
+  options_add_dtype(&o, "DO", p->d_o);
+  const char *dq_names[3] = {"bwd_dq_selected", "bwd_dq_compressed", "bwd_dq_window"};
+  const char *kv_names[3] = {"bwd_dkdv_selected", "bwd_dkdv_compressed", "bwd_dkdv_window"};
+  const bool runs[3] = {true, p->cmp, p->swa};
+  for (int x = 0; x < 3; x++) {
+    if (!runs[x]) continue;
+    CHECK_STATUS(program_kernel(ctx, "attend_bwd.cl", o.text, dq_names[x], &p->dq[x]));
+    CHECK_STATUS(program_kernel(ctx, "attend_bwd.cl", o.text, kv_names[x], &p->dkdv[x]));
+  }
+
+  build_options om = {{0}, 0};
+  options_add(&om, "-DSCAN_WG=%d", p->tune.scan_wg);
+  CHECK_STATUS(program_kernel(ctx, "select_mask.cl", om.text, "select_mask_build", &p->mask));
+  CHECK_STATUS(program_kernel(ctx, "select_mask.cl", om.text, "select_mask_chunks", &p->chunks));
+  CHECK_STATUS(program_kernel(ctx, "select_mask.cl", om.text, "select_chunk_scan", &p->scan));
+
+  build_options og = {{0}, 0};
+  options_add_dtype(&og, "DO", p->d_o);
+  add_dtype_or(&og, "GS", in->g_slc, dt);
+  add_dtype_or(&og, "GC", in->g_cmp, dt);
+  add_dtype_or(&og, "GW", in->g_swa, dt);
+  add_dtype_or(&og, "DGS", g->dg_slc, dt);
+  add_dtype_or(&og, "DGC", g->dg_cmp, dt);
+  add_dtype_or(&og, "DGW", g->dg_swa, dt);
+  CHECK_STATUS(program_kernel(ctx, "grad_gates.cl", og.text, "bwd_gate_grads", &p->gates));
+
+  build_options of = {{0}, 0};
+  options_add_dtype(&of, "DQ", g->dq);
+  options_add_dtype(&of, "DKO", g->dk);
+  options_add_dtype(&of, "DVO", g->dv);
+  CHECK_STATUS(program_kernel(ctx, "grad_finalize.cl", of.text, "bwd_reduce_chunks", &p->reduce));
+  CHECK_STATUS(program_kernel(ctx, "grad_finalize.cl", of.text, "bwd_finalize_q", &p->fin_q));
+  return program_kernel(ctx, "grad_finalize.cl", of.text, "bwd_finalize_kv", &p->fin_kv);
+}
+
+/* ---- kernel arguments, in order ---- */
+typedef struct kargs {
+  cl_kernel k;
+  cl_uint n;
+  cl_int err;
+} kargs;
+
+static kargs args_begin(cl_kernel k) {
+  return (kargs){k, 0, CL_SUCCESS};
+}
+static void arg_tensor(kargs *a, const clnsa_tensor *t) {
+  a->err |= t ? tensor_set_args(a->k, &a->n, t) : tensor_set_absent_args(a->k, &a->n);
+}
+static void arg_mem(kargs *a, cl_mem m) {
+  a->err |= clSetKernelArg(a->k, a->n++, sizeof m, &m);
+}
+static void arg_long(kargs *a, cl_long v) {
+  a->err |= clSetKernelArg(a->k, a->n++, sizeof v, &v);
+}
+static void arg_int(kargs *a, cl_int v) {
+  a->err |= clSetKernelArg(a->k, a->n++, sizeof v, &v);
+}
+static void arg_float(kargs *a, cl_float v) {
+  a->err |= clSetKernelArg(a->k, a->n++, sizeof v, &v);
+}
+static void arg_seq(kargs *a, const nsa_dims *d) {
+  a->err |= dims_set_seq_args(a->k, &a->n, d);
+}
+
+/* Element offset of a scratch region. */
+static cl_long at(const bwd_plan *p, size_t region) {
+  return p->base + (cl_long)(region / 4);
+}
+
+static clnsa_status launch(clnsa_context *ctx, enqueue_chain *c, const kargs *a, cl_uint dims,
+                           const size_t *global, const size_t *local) {
+  if (a->err != CL_SUCCESS) {
+    char name[128] = "?";
+    clGetKernelInfo(a->k, CL_KERNEL_FUNCTION_NAME, sizeof name - 1, name, NULL);
+    return clnsa_cl_fail(ctx, a->err, name);
+  }
+  return chain_launch(ctx, c, a->k, dims, global, local);
+}
+
+static size_t ceil_div(size_t a, size_t b) {
+  return (a + b - 1) / b;
+}
+
+/* ---- the stages ---- */
+static clnsa_status enqueue_gates(clnsa_context *ctx, const bwd_plan *p, enqueue_chain *c) {
+  const nsa_dims *d = p->d;
+  const clnsa_inputs *in = p->in;
+  const clnsa_grads *g = p->g;
+  const cl_long nr = (cl_long)d->B * d->TQ * d->HQ;
+  int flags = (p->cmp ? 1 : 0) | (p->swa ? 2 : 0) | (in->g_slc ? 4 : 0) | (g->dg_cmp ? 8 : 0) |
+              (g->dg_slc ? 16 : 0) | (g->dg_swa ? 32 : 0);
+  kargs a = args_begin(p->gates);
+  arg_tensor(&a, p->d_o);
+  arg_tensor(&a, &p->o[BRANCH_SLC]);
+  arg_tensor(&a, p->cmp ? &p->o[BRANCH_CMP] : NULL);
+  arg_tensor(&a, p->swa ? &p->o[BRANCH_SWA] : NULL);
+  arg_tensor(&a, in->g_slc);
+  arg_tensor(&a, in->g_cmp);
+  arg_tensor(&a, in->g_swa);
+  arg_tensor(&a, g->dg_slc);
+  arg_tensor(&a, g->dg_cmp);
+  arg_tensor(&a, g->dg_swa);
+  arg_mem(&a, p->buf);
+  arg_long(&a, at(p, p->lay.gate));
+  arg_long(&a, at(p, p->lay.delta));
+  arg_long(&a, nr);
+  arg_int(&a, flags);
+  arg_int(&a, d->TQ);
+  arg_int(&a, d->HQ);
+  arg_int(&a, d->DV);
+  size_t local = 64, global = ceil_div((size_t)nr, 4) * local; /* 4 rows per group */
+  return launch(ctx, c, &a, 1, &global, &local);
+}
+
+/* The selection turned around: mask, chunk counts, their prefix sum, the chunks. */
+static clnsa_status enqueue_selection(clnsa_context *ctx, const bwd_plan *p, enqueue_chain *c) {
+  const nsa_dims *d = p->d;
+  const bwd_layout *l = &p->lay;
+  kargs a = args_begin(p->mask);
+  arg_tensor(&a, &p->idx);
+  arg_mem(&a, p->buf);
+  arg_long(&a, at(p, l->mask));
+  arg_int(&a, l->nch);
+  arg_int(&a, d->S);
+  arg_int(&a, d->BS);
+  arg_seq(&a, d);
+  size_t local[3] = {32, 1, 1};
+  size_t global[3] = {ceil_div((size_t)l->nch, 32) * 32, (size_t)(d->seqs ? d->seqs->n : d->B),
+                      (size_t)d->H};
+  CHECK_STATUS(launch(ctx, c, &a, 3, global, local));
+
+  const size_t rows = (size_t)d->H * d->B * d->NB;
+  if (rows == 0) return CLNSA_SUCCESS; /* no keys: nothing selected */
+  for (int fill = 0; fill < 2; fill++) {
+    a = args_begin(p->chunks);
+    arg_mem(&a, p->buf);
+    arg_long(&a, at(p, l->mask));
+    arg_int(&a, l->nch);
+    arg_mem(&a, p->buf);
+    arg_long(&a, at(p, l->counts));
+    arg_long(&a, at(p, l->offsets));
+    arg_long(&a, at(p, l->slot_row));
+    arg_long(&a, at(p, l->slot_word));
+    arg_int(&a, fill);
+    arg_int(&a, SEL_CHUNK);
+    arg_int(&a, d->BS);
+    arg_seq(&a, d);
+    size_t lc = 64, gc = ceil_div(rows, lc) * lc;
+    CHECK_STATUS(launch(ctx, c, &a, 1, &gc, &lc));
+    if (fill) break;
+    a = args_begin(p->scan);
+    arg_mem(&a, p->buf);
+    arg_long(&a, at(p, l->counts));
+    arg_long(&a, at(p, l->offsets));
+    arg_int(&a, (cl_int)rows);
+    size_t ls = (size_t)p->tune.scan_wg;
+    CHECK_STATUS(launch(ctx, c, &a, 1, &ls, &ls));
+  }
+  return CLNSA_SUCCESS;
+}
+
+/* Arguments every attention-backward kernel starts with: q, keys, values, do, lse. */
+static void args_attend(kargs *a, const bwd_plan *p, int x) {
+  arg_tensor(a, p->in->q);
+  arg_tensor(a, x == BRANCH_CMP ? &p->k_cmp : p->in->k);
+  arg_tensor(a, x == BRANCH_CMP ? &p->v_cmp : p->in->v);
+  arg_tensor(a, p->d_o);
+  arg_tensor(a, &p->lse[x]);
+}
+
+static size_t seq_groups(const nsa_dims *d) {
+  return (size_t)(d->seqs ? d->seqs->n : d->B);
+}
+
+static clnsa_status enqueue_dq(clnsa_context *ctx, const bwd_plan *p, int x, enqueue_chain *c) {
+  const nsa_dims *d = p->d;
+  const cl_long nr = (cl_long)d->B * d->TQ * d->HQ;
+  const size_t len = (size_t)longest_sequence(d), rows = (size_t)p->tune.qrows;
+  kargs a = args_begin(p->dq[x]);
+  args_attend(&a, p, x);
+  if (x == BRANCH_SLC) arg_tensor(&a, &p->idx);
+  arg_mem(&a, p->buf);
+  arg_long(&a, at(p, p->lay.gate) + x * nr);
+  arg_long(&a, at(p, p->lay.delta) + x * nr);
+  arg_long(&a, at(p, p->lay.dq));
+  arg_float(&a, d->scale);
+  if (x == BRANCH_SLC) arg_int(&a, d->S);
+  if (x == BRANCH_SWA) arg_int(&a, d->W);
+  arg_int(&a, d->BS);
+  arg_seq(&a, d);
+  /* selected: one group per (token, QROWS heads); others: QROWS flattened (token, g) rows */
+  const size_t groups =
+      x == BRANCH_SLC ? len * ceil_div((size_t)d->G, rows) : ceil_div(len * (size_t)d->G, rows);
+  size_t local[3] = {(size_t)p->tune.threads, 1, 1};
+  size_t global[3] = {groups * local[0], seq_groups(d), (size_t)d->H};
+  return launch(ctx, c, &a, 3, global, local);
+}
+
+static clnsa_status enqueue_dkdv(clnsa_context *ctx, const bwd_plan *p, int x, enqueue_chain *c) {
+  const nsa_dims *d = p->d;
+  const bwd_layout *l = &p->lay;
+  const cl_long nr = (cl_long)d->B * d->TQ * d->HQ;
+  const size_t len = (size_t)longest_sequence(d), keys = (size_t)p->tune.kkeys;
+  const size_t parts = ceil_div((size_t)d->BS, keys);
+  kargs a = args_begin(p->dkdv[x]);
+  args_attend(&a, p, x);
+  if (x == BRANCH_SLC) {
+    arg_mem(&a, p->buf);
+    arg_long(&a, at(p, l->mask));
+    arg_int(&a, l->nch);
+    arg_mem(&a, p->buf);
+    arg_long(&a, at(p, l->offsets));
+    arg_long(&a, at(p, l->slot_row));
+    arg_long(&a, at(p, l->slot_word));
+  }
+  arg_mem(&a, p->buf);
+  arg_long(&a, at(p, l->gate) + x * nr);
+  arg_long(&a, at(p, l->delta) + x * nr);
+  const size_t out[3][2] = {{l->sel_k, l->sel_v}, {l->cmp_pk, l->cmp_pv}, {l->win_k, l->win_v}};
+  arg_long(&a, at(p, out[x][0]));
+  arg_long(&a, at(p, out[x][1]));
+  arg_float(&a, d->scale);
+  if (x == BRANCH_CMP) {
+    arg_int(&a, l->cmp_chunks);
+    arg_int(&a, l->cmp_tokens);
+  }
+  if (x == BRANCH_SWA) arg_int(&a, d->W);
+  arg_int(&a, d->BS);
+  arg_seq(&a, d);
+  size_t local[3] = {(size_t)p->tune.threads, 1, 1};
+  if (x == BRANCH_SLC) { /* one group per (chunk slot, key slice); spare slots exit */
+    size_t global = l->slots * parts * local[0];
+    return launch(ctx, c, &a, 1, &global, local);
+  }
+  const size_t groups = x == BRANCH_CMP
+                            ? ceil_div(ceil_div(len, (size_t)d->BS), keys) * l->cmp_chunks
+                            : ceil_div(len, keys);
+  size_t global[3] = {groups * local[0], seq_groups(d), (size_t)d->H};
+  return launch(ctx, c, &a, 3, global, local);
+}
+
+/* dk_cmp, dv_cmp = the compressed partials summed over the token chunks. */
+static clnsa_status enqueue_reduce(clnsa_context *ctx, const bwd_plan *p, enqueue_chain *c) {
+  const nsa_dims *d = p->d;
+  const bwd_layout *l = &p->lay;
+  const size_t nc = (size_t)d->B * d->NB * d->H;
+  const size_t src[2] = {l->cmp_pk, l->cmp_pv}, dst[2] = {l->cmp_k, l->cmp_v};
+  const size_t n[2] = {nc * d->DK, nc * d->DV};
+  for (int i = 0; i < 2; i++) {
+    kargs a = args_begin(p->reduce);
+    arg_mem(&a, p->buf);
+    arg_long(&a, at(p, src[i]));
+    arg_long(&a, at(p, dst[i]));
+    arg_long(&a, (cl_long)n[i]);
+    arg_int(&a, l->cmp_chunks);
+    size_t local = 64, global = ceil_div(n[i], local) * local;
+    CHECK_STATUS(launch(ctx, c, &a, 1, &global, &local));
+  }
+  return CLNSA_SUCCESS;
+}
+
+static clnsa_status enqueue_finalize(clnsa_context *ctx, const bwd_plan *p, enqueue_chain *c) {
+  const nsa_dims *d = p->d;
+  const bwd_layout *l = &p->lay;
+  const cl_long nr = (cl_long)d->B * d->TQ * d->HQ, nk = (cl_long)d->B * d->TK * d->H;
+  size_t local = 64;
+  int rows = (int)(4 * local / (size_t)d->DK);
+  rows = rows < 1 ? 1 : rows;
+  kargs a = args_begin(p->fin_q);
+  arg_tensor(&a, p->g->dq);
+  arg_mem(&a, p->buf);
+  arg_long(&a, at(p, l->dq));
+  arg_long(&a, nr);
+  arg_int(&a, rows);
+  arg_int(&a, d->TQ);
+  arg_int(&a, d->HQ);
+  arg_int(&a, d->DK);
+  size_t global = ceil_div((size_t)nr, (size_t)rows) * local;
+  CHECK_STATUS(launch(ctx, c, &a, 1, &global, &local));
+
+  rows = (int)(4 * local / (size_t)(d->DK + d->DV));
+  rows = rows < 1 ? 1 : rows;
+  a = args_begin(p->fin_kv);
+  arg_tensor(&a, p->g->dk);
+  arg_tensor(&a, p->g->dv);
+  arg_mem(&a, p->buf);
+  arg_mem(&a, p->buf);
+  arg_long(&a, at(p, l->offsets));
+  arg_long(&a, at(p, l->sel_k));
+  arg_long(&a, at(p, l->sel_v));
+  arg_long(&a, at(p, l->win_k));
+  arg_long(&a, at(p, l->win_v));
+  arg_long(&a, at(p, l->cmp_k));
+  arg_long(&a, at(p, l->cmp_v));
+  arg_int(&a, p->swa);
+  arg_int(&a, p->cmp);
+  arg_int(&a, rows);
+  arg_int(&a, d->BS);
+  arg_int(&a, d->DK);
+  arg_int(&a, d->DV);
+  arg_seq(&a, d);
+  global = ceil_div((size_t)nk, (size_t)rows) * local;
+  return launch(ctx, c, &a, 1, &global, &local);
+}
+
+static clnsa_status backward_stages(clnsa_context *ctx, const bwd_plan *p, enqueue_chain *c) {
+  CHECK_STATUS(enqueue_gates(ctx, p, c));
+  CHECK_STATUS(enqueue_selection(ctx, p, c));
+  const bool runs[3] = {true, p->cmp, p->swa};
+  /* selected first: its dq kernel writes the accumulator, the others add */
+  for (int x = 0; x < 3; x++)
+    if (runs[x]) CHECK_STATUS(enqueue_dq(ctx, p, x, c));
+  for (int x = 0; x < 3; x++)
+    if (runs[x]) CHECK_STATUS(enqueue_dkdv(ctx, p, x, c));
+  if (p->cmp) CHECK_STATUS(enqueue_reduce(ctx, p, c));
+  return enqueue_finalize(ctx, p, c);
+}
+
+clnsa_status clnsa_backward(clnsa_context *ctx, const clnsa_params *params, const clnsa_inputs *in,
+                            const clnsa_tensor *d_o, const clnsa_grads *grads, clnsa_workspace *ws,
+                            cl_uint nwait, const cl_event *wait, cl_event *event) {
+  if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
+  nsa_dims d;
+  CHECK_STATUS(check_inputs(ctx, params, in, &d));
+  int64_t so[4];
+  dims_shape_o(&d, so);
+  CHECK_STATUS(tensor_check(ctx, d_o, "d_o", 4, so, DT_FLOAT));
+  CHECK_STATUS(check_grads(ctx, &d, in, grads));
+  if (nwait > 0 && !wait)
+    return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT,
+                      "event_wait_list is NULL but num_events_in_wait_list is %u", nwait);
+  CHECK_STATUS(check_workspace(ctx, &d, in, ws));
+
+  bwd_plan p;
+  memset(&p, 0, sizeof p);
+  p.d = &d;
+  p.in = in;
+  p.d_o = d_o;
+  p.g = grads;
+  p.cmp = in->g_cmp != NULL;
+  p.swa = ws->last.window;
+  p.tune = tuning_backward(ctx, d.DK, d.DV, d.G);
+  scratch_layout(&d, &p.lay);
+  plan_views(&p, ws);
+  CHECK_STATUS(plan_kernels(ctx, &p));
+
+  enqueue_chain c;
+  chain_begin(&c, nwait, wait);
+  clnsa_status st = backward_stages(ctx, &p, &c);
+  if (st == CLNSA_SUCCESS) st = chain_end(ctx, &c, event);
+  if (st != CLNSA_SUCCESS) chain_abort(&c);
+  return st;
+}

@@ -1,0 +1,332 @@
+/* The whole forward pass (semantics sections 1-6) and its workspace.
+ *
+ * clnsa_forward validates everything, then enqueues one chain:
+ *   pool -> compressed attention -> top-k -> selected attention -> window -> combine
+ * into the caller's workspace, and only the last kernel (cl/combine.cl) writes o. The
+ * stages first run through a dry chain (src/launch.c) that builds every kernel and
+ * enqueues nothing, so a build or tuning failure leaves every buffer untouched.
+ *
+ * Workspace layout (byte offsets from the workspace start, each rounded up to 256; all
+ * f32 except the indices):
+ *   k_cmp [B,NB,H,DK]  v_cmp [B,NB,H,DV]  o_cmp [B,TQ,HQ,DV]  lse_cmp [B,TQ,HQ]
+ *   block_indices i32 [B,TQ,H,S]  o_slc [B,TQ,HQ,DV]  lse_slc [B,TQ,HQ]
+ *   o_swa [B,TQ,HQ,DV]  lse_swa [B,TQ,HQ]     (the last two only when W > 0 and g_swa)
+ * then, for clnsa_backward_workspace_size, the backward's scratch. Kernels see the
+ * regions as contiguous clnsa_tensor views of the one buffer (no sub-buffers, so the
+ * workspace offset needs only 4-byte alignment).
+ *
+ * Which stages run:
+ *  - pool + compressed attention: unless g_cmp is absent and block_indices are given
+ *    (then nothing reads their results);
+ *  - top-k: unless block_indices are given (block_counts act only here);
+ *  - selected attention: always;
+ *  - window: when W > 0 and g_swa is given. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define WS_ALIGN 256
+
+static size_t align_up(size_t x) {
+  return (x + WS_ALIGN - 1) / WS_ALIGN * WS_ALIGN;
+}
+
+static size_t count4(int64_t a, int64_t b, int64_t c, int64_t d) {
+  return (size_t)a * (size_t)b * (size_t)c * (size_t)d;
+}
+
+/* Reserves `elems` 4-byte elements at the next aligned offset. */
+static size_t reserve(size_t *at, size_t elems) {
+  size_t off = align_up(*at);
+  *at = off + 4 * elems;
+  return off;
+}
+
+static void workspace_layout(const nsa_dims *d, bool window, ws_layout *l) {
+  const size_t rows = count4(d->B, d->TQ, d->HQ, 1);
+  size_t at = 0;
+  memset(l, 0, sizeof *l);
+  l->k_cmp = reserve(&at, count4(d->B, d->NB, d->H, d->DK));
+  l->v_cmp = reserve(&at, count4(d->B, d->NB, d->H, d->DV));
+  l->o_cmp = reserve(&at, rows * (size_t)d->DV);
+  l->lse_cmp = reserve(&at, rows);
+  l->block_indices = reserve(&at, count4(d->B, d->TQ, d->H, d->S));
+  l->o_slc = reserve(&at, rows * (size_t)d->DV);
+  l->lse_slc = reserve(&at, rows);
+  if (window) {
+    l->o_swa = reserve(&at, rows * (size_t)d->DV);
+    l->lse_swa = reserve(&at, rows);
+  }
+  l->end = at;
+  l->scratch = align_up(at);
+}
+
+/* A contiguous view of a workspace region. */
+static clnsa_tensor ws_view(const clnsa_workspace *ws, size_t byte_off, clnsa_dtype dt, int ndim,
+                            const int64_t *shape) {
+  return clnsa_tensor_make(ws->buffer, (ws->offset + byte_off) / 4, dt, ndim, shape);
+}
+
+/* ---- validation shared by the size queries and the forward ---- */
+static clnsa_status check_gate(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *g,
+                               const char *name) {
+  if (!g) return CLNSA_SUCCESS;
+  int64_t s[3];
+  dims_shape_rows(d, s);
+  return tensor_check(ctx, g, name, 3, s, DT_FLOAT);
+}
+
+static clnsa_status validate_inputs(clnsa_context *ctx, const clnsa_params *params,
+                                    const clnsa_inputs *in, nsa_dims *d) {
+  if (!in) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "inputs are NULL");
+  memset(d, 0, sizeof *d);
+  CHECK_STATUS(dims_params(ctx, params, d));
+  CHECK_STATUS(dims_kv(ctx, in->seqs, in->k, in->v, "k", "v", d));
+  CHECK_STATUS(dims_q(ctx, in->q, d));
+  CHECK_STATUS(check_gate(ctx, d, in->g_cmp, "g_cmp"));
+  CHECK_STATUS(check_gate(ctx, d, in->g_slc, "g_slc"));
+  CHECK_STATUS(check_gate(ctx, d, in->g_swa, "g_swa"));
+  int64_t si[4], sc[3];
+  dims_shape_idx(d, si);
+  dims_shape_counts(d, sc);
+  if (in->block_indices)
+    CHECK_STATUS(tensor_check(ctx, in->block_indices, "block_indices", 4, si, DT_INT));
+  if (in->block_counts)
+    CHECK_STATUS(tensor_check(ctx, in->block_counts, "block_counts", 3, sc, DT_INT));
+  return CLNSA_SUCCESS;
+}
+
+static bool window_runs(const nsa_dims *d, const clnsa_inputs *in) {
+  return d->W > 0 && in->g_swa != NULL;
+}
+
+clnsa_status clnsa_forward_workspace_size(clnsa_context *ctx, const clnsa_params *params,
+                                          const clnsa_inputs *in, size_t *bytes) {
+  if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
+  if (!bytes) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "bytes is NULL");
+  nsa_dims d;
+  CHECK_STATUS(validate_inputs(ctx, params, in, &d));
+  ws_layout l;
+  workspace_layout(&d, window_runs(&d, in), &l);
+  *bytes = l.end;
+  return CLNSA_SUCCESS;
+}
+
+clnsa_status clnsa_backward_workspace_size(clnsa_context *ctx, const clnsa_params *params,
+                                           const clnsa_inputs *in, size_t *bytes) {
+  if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
+  if (!bytes) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "bytes is NULL");
+  nsa_dims d;
+  CHECK_STATUS(validate_inputs(ctx, params, in, &d));
+  ws_layout l;
+  workspace_layout(&d, window_runs(&d, in), &l);
+  size_t scratch = backward_scratch_bytes(&d);
+  *bytes = scratch ? l.scratch + scratch : l.end;
+  return CLNSA_SUCCESS;
+}
+
+/* ---- workspace handles ---- */
+clnsa_status clnsa_workspace_create(clnsa_context *ctx, cl_mem buffer, size_t offset, size_t bytes,
+                                    clnsa_workspace **out) {
+  if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
+  if (!buffer || !out)
+    return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "clnsa_workspace_create: %s is NULL",
+                      buffer ? "out" : "buffer");
+  *out = NULL;
+  cl_context owner = NULL;
+  size_t size = 0;
+  if (clGetMemObjectInfo(buffer, CL_MEM_CONTEXT, sizeof owner, &owner, NULL) != CL_SUCCESS ||
+      clGetMemObjectInfo(buffer, CL_MEM_SIZE, sizeof size, &size, NULL) != CL_SUCCESS)
+    return clnsa_fail(ctx, CLNSA_ERR_INVALID_HANDLE, "workspace buffer is not a valid cl_mem");
+  if (owner != ctx->cl)
+    return clnsa_fail(ctx, CLNSA_ERR_INVALID_HANDLE,
+                      "workspace buffer belongs to another OpenCL context");
+  if (offset % 4 != 0)
+    return clnsa_fail(ctx, CLNSA_ERR_INVALID_ARGUMENT,
+                      "workspace offset %zu is not a multiple of 4 bytes", offset);
+  if (offset > size || bytes > size - offset)
+    return clnsa_fail(ctx, CLNSA_ERR_BUFFER_TOO_SMALL,
+                      "workspace of %zu bytes from offset %zu exceeds the buffer's %zu", bytes,
+                      offset, size);
+  clnsa_workspace *ws = calloc(1, sizeof *ws);
+  if (!ws) return CLNSA_ERR_OUT_OF_HOST_MEMORY;
+  clRetainMemObject(buffer);
+  ws->ctx = ctx;
+  ws->buffer = buffer;
+  ws->offset = offset;
+  ws->bytes = bytes;
+  *out = ws;
+  return CLNSA_SUCCESS;
+}
+
+void clnsa_workspace_destroy(clnsa_workspace *ws) {
+  if (!ws) return;
+  clReleaseMemObject(ws->buffer);
+  free(ws);
+}
+
+clnsa_status clnsa_forward_block_indices(const clnsa_workspace *ws, clnsa_tensor *out) {
+  if (!ws) return CLNSA_ERR_NULL_ARGUMENT;
+  if (!out) return clnsa_fail(ws->ctx, CLNSA_ERR_NULL_ARGUMENT, "out is NULL");
+  if (!ws->last.valid)
+    return clnsa_fail(ws->ctx, CLNSA_ERR_WORKSPACE,
+                      "no successful clnsa_forward has been recorded in this workspace");
+  if (ws->last.caller_indices)
+    return clnsa_fail(ws->ctx, CLNSA_ERR_INVALID_ARGUMENT,
+                      "the last forward used the caller's own block_indices; the workspace "
+                      "holds none");
+  int64_t s[4];
+  dims_shape_idx(&ws->last.dims, s);
+  *out = ws_view(ws, ws->last.layout.block_indices, CLNSA_I32, 4, s);
+  return CLNSA_SUCCESS;
+}
+
+/* ---- the pass ---- */
+typedef struct fwd_views {
+  clnsa_tensor k_cmp, v_cmp, o_cmp, lse_cmp, idx, o_slc, lse_slc, o_swa, lse_swa;
+} fwd_views;
+
+static void make_views(const clnsa_workspace *ws, const nsa_dims *d, const ws_layout *l,
+                       fwd_views *v) {
+  int64_t skc[4], svc[4], so[4], sr[3], si[4];
+  dims_shape_kcmp(d, skc);
+  dims_shape_vcmp(d, svc);
+  dims_shape_o(d, so);
+  dims_shape_rows(d, sr);
+  dims_shape_idx(d, si);
+  v->k_cmp = ws_view(ws, l->k_cmp, CLNSA_F32, 4, skc);
+  v->v_cmp = ws_view(ws, l->v_cmp, CLNSA_F32, 4, svc);
+  v->o_cmp = ws_view(ws, l->o_cmp, CLNSA_F32, 4, so);
+  v->lse_cmp = ws_view(ws, l->lse_cmp, CLNSA_F32, 3, sr);
+  v->idx = ws_view(ws, l->block_indices, CLNSA_I32, 4, si);
+  v->o_slc = ws_view(ws, l->o_slc, CLNSA_F32, 4, so);
+  v->lse_slc = ws_view(ws, l->lse_slc, CLNSA_F32, 3, sr);
+  v->o_swa = ws_view(ws, l->o_swa, CLNSA_F32, 4, so);
+  v->lse_swa = ws_view(ws, l->lse_swa, CLNSA_F32, 3, sr);
+}
+
+/* The combine kernel, built (or fetched from the program cache) with its arguments set,
+ * so that building it cannot fail after the other stages were launched. */
+typedef struct combine_launch {
+  cl_kernel kernel;
+  size_t global, local;
+} combine_launch;
+
+static clnsa_status combine_prepare(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
+                                    bool window, const clnsa_tensor *o, const fwd_views *v,
+                                    combine_launch *cl) {
+  const int threads = (ctx->info.type & CL_DEVICE_TYPE_CPU) ? 64 : 128;
+  int wg = threads;
+  while ((size_t)wg > ctx->info.max_wg && wg > 1) wg /= 2;
+  int rows = 4 * wg / d->DV;
+  rows = rows < 1 ? 1 : rows > 64 ? 64 : rows;
+  build_options opt = {{0}, 0};
+  options_add(&opt, "-DDV=%d -DROWS=%d", d->DV, rows);
+  options_add_dtype(&opt, "O", o);
+  options_add_dtype(&opt, "GS", in->g_slc);
+  options_add_dtype(&opt, "GC", in->g_cmp);
+  options_add_dtype(&opt, "GW", window ? in->g_swa : NULL);
+  if (in->g_slc) options_add(&opt, " -DHAS_GSLC");
+  if (in->g_cmp) options_add(&opt, " -DHAS_GCMP");
+  if (window) options_add(&opt, " -DHAS_GSWA");
+  tuning_env_override(&opt);
+  CHECK_STATUS(program_kernel(ctx, "combine.cl", opt.text, "combine_gated", &cl->kernel));
+  cl_uint arg = 0;
+  cl_int err = tensor_set_args(cl->kernel, &arg, o);
+  err |= tensor_set_args(cl->kernel, &arg, &v->o_slc);
+  err |= in->g_cmp ? tensor_set_args(cl->kernel, &arg, &v->o_cmp)
+                   : tensor_set_absent_args(cl->kernel, &arg);
+  err |= window ? tensor_set_args(cl->kernel, &arg, &v->o_swa)
+                : tensor_set_absent_args(cl->kernel, &arg);
+  err |= in->g_slc ? tensor_set_args(cl->kernel, &arg, in->g_slc)
+                   : tensor_set_absent_args(cl->kernel, &arg);
+  err |= in->g_cmp ? tensor_set_args(cl->kernel, &arg, in->g_cmp)
+                   : tensor_set_absent_args(cl->kernel, &arg);
+  err |= window ? tensor_set_args(cl->kernel, &arg, in->g_swa)
+                : tensor_set_absent_args(cl->kernel, &arg);
+  cl_int tq = d->TQ, hq = d->HQ;
+  cl_long nrows = (cl_long)d->B * d->TQ * d->HQ;
+  err |= clSetKernelArg(cl->kernel, arg++, sizeof tq, &tq);
+  err |= clSetKernelArg(cl->kernel, arg++, sizeof hq, &hq);
+  err |= clSetKernelArg(cl->kernel, arg++, sizeof nrows, &nrows);
+  if (err != CL_SUCCESS) return clnsa_cl_fail(ctx, err, "clSetKernelArg(combine_gated)");
+  cl->local = (size_t)wg;
+  cl->global = (size_t)((nrows + rows - 1) / rows) * cl->local;
+  return CLNSA_SUCCESS;
+}
+
+static clnsa_status forward_stages(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
+                                   bool compressed, bool window, const fwd_views *v,
+                                   const combine_launch *comb, enqueue_chain *c) {
+  if (compressed) {
+    CHECK_STATUS(pool_enqueue(ctx, d, in->k, in->v, &v->k_cmp, &v->v_cmp, c));
+    CHECK_STATUS(
+        compressed_enqueue(ctx, d, in->q, &v->k_cmp, &v->v_cmp, &v->o_cmp, &v->lse_cmp, c));
+  }
+  const clnsa_tensor *idx = in->block_indices;
+  if (!idx) {
+    CHECK_STATUS(topk_enqueue(ctx, d, in->q, &v->k_cmp, &v->lse_cmp, in->block_counts, &v->idx, c));
+    idx = &v->idx;
+  }
+  CHECK_STATUS(selected_enqueue(ctx, d, in->q, in->k, in->v, idx, &v->o_slc, &v->lse_slc, c));
+  if (window) CHECK_STATUS(window_enqueue(ctx, d, in->q, in->k, in->v, &v->o_swa, &v->lse_swa, c));
+  return chain_launch(ctx, c, comb->kernel, 1, &comb->global, &comb->local);
+}
+
+clnsa_status clnsa_forward(clnsa_context *ctx, const clnsa_params *params, const clnsa_inputs *in,
+                           const clnsa_tensor *o, clnsa_workspace *ws, cl_uint nwait,
+                           const cl_event *wait, cl_event *event) {
+  if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
+  nsa_dims d;
+  CHECK_STATUS(validate_inputs(ctx, params, in, &d));
+  int64_t so[4];
+  dims_shape_o(&d, so);
+  CHECK_STATUS(tensor_check(ctx, o, "o", 4, so, DT_FLOAT));
+  if (nwait > 0 && !wait)
+    return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT,
+                      "event_wait_list is NULL but num_events_in_wait_list is %u", nwait);
+  if (!ws) return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE, "workspace is NULL");
+  if (ws->ctx != ctx)
+    return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE, "workspace belongs to another clnsa context");
+  const bool window = window_runs(&d, in);
+  const bool compressed = in->g_cmp || !in->block_indices;
+  ws_layout l;
+  workspace_layout(&d, window, &l);
+  if (ws->bytes < l.end)
+    return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE,
+                      "workspace has %zu bytes, this forward needs %zu "
+                      "(clnsa_forward_workspace_size)",
+                      ws->bytes, l.end);
+
+  fwd_views v;
+  make_views(ws, &d, &l, &v);
+  combine_launch comb;
+  CHECK_STATUS(combine_prepare(ctx, &d, in, window, o, &v, &comb));
+
+  enqueue_chain c;
+  chain_begin_dry(&c); /* every build and tuning check first: nothing enqueued on failure */
+  CHECK_STATUS(forward_stages(ctx, &d, in, compressed, window, &v, &comb, &c));
+  ws->last.valid = false; /* its contents are about to be overwritten */
+  chain_begin(&c, nwait, wait);
+  clnsa_status st = forward_stages(ctx, &d, in, compressed, window, &v, &comb, &c);
+  if (st == CLNSA_SUCCESS) st = chain_end(ctx, &c, event);
+  if (st != CLNSA_SUCCESS) {
+    chain_abort(&c);
+    return st;
+  }
+  ws->last.dims = d;
+  ws->last.q_dt = in->q->dtype;
+  ws->last.k_dt = in->k->dtype;
+  ws->last.v_dt = in->v->dtype;
+  ws->last.g_cmp = in->g_cmp != NULL;
+  ws->last.g_slc = in->g_slc != NULL;
+  ws->last.g_swa = in->g_swa != NULL;
+  ws->last.window = window;
+  ws->last.compressed = compressed;
+  ws->last.caller_indices = in->block_indices != NULL;
+  ws->last.block_counts = in->block_counts != NULL;
+  ws->last.layout = l;
+  ws->last.valid = true;
+  return CLNSA_SUCCESS;
+}

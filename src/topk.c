@@ -1,0 +1,199 @@
+/* Top-k block selection: launches cl/topk.cl (one work-group per query row and kv head). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* Tunables of cl/topk.cl; see the kernel's header comment for what each one is. */
+typedef struct topk_tuning {
+  int tile; /* candidates per tile */
+  int wg;   /* work-items: tile * g shares */
+  int gc;   /* query rows in local memory at once */
+  int gr;   /* query rows scored together in registers */
+} topk_tuning;
+
+/* Portable ceiling on local memory: NVIDIA's OpenCL gives 48 KiB, and a CPU device that
+ * claims more should still run the configuration the GPUs run. */
+#define TOPK_LOCAL_CAP 49152u
+#define TOPK_LIST_MAX 128 /* SMAX in the kernel */
+
+static int round_up(int x, int m) {
+  return (x + m - 1) / m * m;
+}
+
+/* Bytes of the kernel's __local arrays, mirroring their declarations. */
+static size_t topk_local_bytes(int dk, const topk_tuning *t) {
+  const size_t dkp4 = (size_t)(dk + 3) / 4, kst4 = dkp4 | 1, gcp = (size_t)round_up(t->gc, t->gr);
+  const size_t words = (size_t)t->tile * kst4 * 4 + gcp * dkp4 * 4 + gcp + (size_t)t->wg +
+                       (size_t)t->tile + 4 * TOPK_LIST_MAX + 1;
+  return words * sizeof(float);
+}
+
+/* CLNSA_TUNE may name TOPK_TILE, TOPK_WG, TOPK_GC, TOPK_GR (experiments only). */
+static void topk_tune_env(topk_tuning *t) {
+  const char *env = getenv("CLNSA_TUNE");
+  if (!env) return;
+  const struct {
+    const char *name;
+    int *value;
+  } names[] = {
+      {"TOPK_TILE=", &t->tile}, {"TOPK_WG=", &t->wg}, {"TOPK_GC=", &t->gc}, {"TOPK_GR=", &t->gr}};
+  for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+    const char *at = strstr(env, names[i].name);
+    if (at) *names[i].value = atoi(at + strlen(names[i].name));
+  }
+}
+
+/* Largest tile whose key tile and all G query rows fit (CPUs try 64, 32, 16; GPUs 32, 16:
+ * on an H200 a 32-candidate tile in groups of 128 work-items ran 1.3-1.5x faster than 64
+ * in 256, from the extra groups per compute unit); otherwise the query rows stream in
+ * chunks of as many as fit. GPUs split the g rows of each candidate across 4 work-items
+ * (an H200 preferred this even at G = 1: the extra work-items load and merge). */
+static clnsa_status topk_tune(clnsa_context *ctx, int dk, int g, topk_tuning *t) {
+  const device_info *info = &ctx->info;
+  const size_t cap =
+      info->local_mem && info->local_mem < TOPK_LOCAL_CAP ? info->local_mem : TOPK_LOCAL_CAP;
+  const size_t budget = cap > 1024 ? cap - 256 : cap;
+  const bool cpu = (info->type & CL_DEVICE_TYPE_CPU) != 0;
+  const int cpu_tiles[3] = {64, 32, 16}, gpu_tiles[2] = {32, 16};
+  const int *tiles = cpu ? cpu_tiles : gpu_tiles, ntiles = cpu ? 3 : 2;
+  const int split = cpu ? 1 : 4;
+  t->gr = 4;
+  bool found = false;
+  for (int i = 0; i < ntiles && !found; i++) { /* all query rows resident */
+    t->tile = tiles[i];
+    t->wg = t->tile * split;
+    t->gc = round_up(g, t->gr);
+    found = topk_local_bytes(dk, t) <= budget && (size_t)t->tile <= info->max_wg;
+  }
+  for (int i = 0; i < 2 && !found; i++) { /* query rows in chunks */
+    t->tile = gpu_tiles[i];
+    t->wg = t->tile * split;
+    t->gc = round_up(g, t->gr);
+    while (t->gc > t->gr && topk_local_bytes(dk, t) > budget) t->gc -= t->gr;
+    found = topk_local_bytes(dk, t) <= budget && (size_t)t->tile <= info->max_wg;
+  }
+  while ((size_t)t->wg > info->max_wg && t->wg > t->tile) t->wg -= t->tile;
+  topk_tune_env(t);
+  if (!found || t->tile < 1 || t->gr < 1 || t->gc < 1 || t->wg < t->tile || t->wg % t->tile != 0 ||
+      (size_t)t->wg > info->max_wg)
+    return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED,
+                      "top-k: no tile configuration fits %llu bytes of local memory for DK=%d",
+                      (unsigned long long)budget, dk);
+  return CLNSA_SUCCESS;
+}
+
+clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
+                          const clnsa_tensor *k_cmp, const clnsa_tensor *lse_cmp,
+                          const clnsa_tensor *block_counts, const clnsa_tensor *block_indices,
+                          enqueue_chain *c) {
+  topk_tuning t;
+  CHECK_STATUS(topk_tune(ctx, d->DK, d->G, &t));
+  build_options o = {{0}, 0};
+  options_add(&o, "-DDK=%d -DTILE=%d -DWG=%d -DGC=%d -DGR=%d", d->DK, t.tile, t.wg, t.gc, t.gr);
+  options_add_dtype(&o, "Q", q);
+  options_add_dtype(&o, "KC", k_cmp);
+  tuning_env_override(&o);
+  cl_kernel kern;
+  CHECK_STATUS(program_kernel(ctx, "topk.cl", o.text, "topk_select", &kern));
+  const cl_int has_counts = block_counts != NULL;
+  const cl_int ints[4] = {has_counts, d->S, d->BS, d->G};
+  const cl_float scale = d->scale;
+  cl_uint arg = 0;
+  cl_int err = tensor_set_args(kern, &arg, q);
+  err |= tensor_set_args(kern, &arg, k_cmp);
+  err |= tensor_set_args(kern, &arg, lse_cmp);
+  err |=
+      block_counts ? tensor_set_args(kern, &arg, block_counts) : tensor_set_absent_args(kern, &arg);
+  err |= tensor_set_args(kern, &arg, block_indices);
+  for (int i = 0; i < 4; i++) err |= clSetKernelArg(kern, arg++, sizeof(cl_int), &ints[i]);
+  err |= clSetKernelArg(kern, arg++, sizeof scale, &scale);
+  err |= dims_set_seq_args(kern, &arg, d);
+  if (err != CL_SUCCESS) return clnsa_cl_fail(ctx, err, "clSetKernelArg(topk_select)");
+  size_t local[2] = {(size_t)t.wg, 1};
+  size_t global[2] = {(size_t)d->B * (size_t)d->TQ * local[0], (size_t)d->H};
+  return chain_launch(ctx, c, kern, 2, global, local);
+}
+
+/* k_cmp alone does not give TK: without seqs the queries are the whole sequence (TK =
+ * TQ); a caller with TQ < TK describes it with a clnsa_seqs of one sequence. */
+static clnsa_status topk_dims(clnsa_context *ctx, const clnsa_params *params,
+                              const clnsa_seqs *seqs, const clnsa_tensor *q,
+                              const clnsa_tensor *k_cmp, nsa_dims *d) {
+  CHECK_STATUS(dims_params(ctx, params, d));
+  if (!k_cmp) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "k_cmp is NULL");
+  if (!q) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "q is NULL");
+  if (k_cmp->ndim != 4) return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp must have rank 4");
+  if (k_cmp->shape[3] < 1 || k_cmp->shape[3] > CLNSA_MAX_HEAD_DIM)
+    return clnsa_fail(ctx, CLNSA_ERR_HEAD_DIM, "k_cmp: head dimension %lld is outside [1, %d]",
+                      (long long)k_cmp->shape[3], CLNSA_MAX_HEAD_DIM);
+  if (k_cmp->shape[2] < 1 || k_cmp->shape[2] > 65536)
+    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp: %lld kv heads",
+                      (long long)k_cmp->shape[2]);
+  if (k_cmp->shape[0] > (1 << 20) || k_cmp->shape[1] > (1 << 30) || q->ndim != 4 ||
+      q->shape[1] > (1 << 30) || k_cmp->shape[0] * q->shape[1] > INT32_MAX ||
+      k_cmp->shape[0] * k_cmp->shape[1] > INT32_MAX)
+    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH,
+                      "q and k_cmp: rank 4 needed, batch or length too large");
+  CHECK_STATUS(tensor_check(ctx, k_cmp, "k_cmp", 4, NULL, DT_FLOAT));
+  d->B = (int)k_cmp->shape[0];
+  d->H = (int)k_cmp->shape[2];
+  d->DK = (int)k_cmp->shape[3];
+  d->DV = d->DK; /* unused here */
+  d->seqs = seqs;
+  if (seqs) {
+    if (seqs->ctx != ctx)
+      return clnsa_fail(ctx, CLNSA_ERR_INVALID_ARGUMENT, "seqs belongs to another context");
+    if (seqs->block_size != d->BS)
+      return clnsa_fail(ctx, CLNSA_ERR_CU_SEQLENS, "seqs was made for block size %d, not %d",
+                        seqs->block_size, d->BS);
+    if (d->B != 1)
+      return clnsa_fail(ctx, CLNSA_ERR_CU_SEQLENS, "varlen needs B = 1, k_cmp has %d", d->B);
+    d->TK = seqs->total_k;
+    d->NB = seqs->total_c;
+  } else {
+    d->TK = (int)q->shape[1];
+    d->NB = (d->TK + d->BS - 1) / d->BS;
+  }
+  CHECK_STATUS(dims_q(ctx, q, d));
+  if (k_cmp->shape[1] != d->NB)
+    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp has %lld blocks, expected %d (%s)",
+                      (long long)k_cmp->shape[1], d->NB,
+                      seqs ? "the packed total of the sequences"
+                           : "ceil(TQ / block_size); "
+                             "pass seqs when TQ < TK");
+  if (d->scale == 0) d->scale = (float)(1.0 / sqrt((double)d->DK));
+  return CLNSA_SUCCESS;
+}
+
+clnsa_status clnsa_topk(clnsa_context *ctx, const clnsa_params *params, const clnsa_seqs *seqs,
+                        const clnsa_tensor *q, const clnsa_tensor *k_cmp,
+                        const clnsa_tensor *lse_cmp, const clnsa_tensor *block_counts,
+                        const clnsa_tensor *block_indices, cl_uint nwait, const cl_event *wait,
+                        cl_event *event) {
+  if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
+  nsa_dims d = {0};
+  CHECK_STATUS(topk_dims(ctx, params, seqs, q, k_cmp, &d));
+  int64_t rows[3], counts[3], idx[4];
+  dims_shape_rows(&d, rows);
+  dims_shape_counts(&d, counts);
+  dims_shape_idx(&d, idx);
+  CHECK_STATUS(tensor_check(ctx, lse_cmp, "lse_cmp", 3, rows, 1u << CLNSA_F32));
+  /* Counts must lie in [0, S]; they are device data, so the kernel clamps them rather
+   * than the host reading them back (which would block). */
+  if (block_counts)
+    CHECK_STATUS(tensor_check(ctx, block_counts, "block_counts", 3, counts, DT_INT));
+  CHECK_STATUS(tensor_check(ctx, block_indices, "block_indices", 4, idx, DT_INT));
+  if (nwait > 0 && !wait)
+    return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "event_wait_list is NULL with %u events",
+                      nwait);
+  enqueue_chain c;
+  chain_begin(&c, nwait, wait);
+  clnsa_status st = topk_enqueue(ctx, &d, q, k_cmp, lse_cmp, block_counts, block_indices, &c);
+  if (st != CLNSA_SUCCESS) {
+    chain_abort(&c);
+    return st;
+  }
+  return chain_end(ctx, &c, event);
+}
