@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs on the lent NVIDIA machine (docs/GPU.md): build, the whole test suite on the NVIDIA
+# device, the demo and the benchmark, with logs under $OUT. Usage: tools/gpu-run.sh [bench args]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source tools/gpu-env.sh
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export CLNSA_CACHE_DIR=/tmp/clnsa-cache
+{ clinfo -l; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv; } \
+  >"$OUT/device.txt" 2>&1
+meson setup /tmp/b -Dbuildtype=release >"$OUT/build.log" 2>&1 && ninja -C /tmp/b >>"$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; exit 1; }
+meson test -C /tmp/b --suite unit --suite gpu --print-errorlogs >"$OUT/test.log" 2>&1
+echo "tests: exit $?"; grep -E "^(Ok|Fail|Skipped|Timeout):" "$OUT/test.log"
+/tmp/b/tools/clnsa demo 2>&1 | tee "$OUT/demo.txt"
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  /tmp/b/tools/clnsa bench --json "$OUT/bench.jsonl" "$@" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
+fi
