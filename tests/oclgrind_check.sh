@@ -13,12 +13,17 @@ extra=()
 if [ "${1:-}" = --uninitialized ]; then extra+=(--uninitialized); shift; fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-CLNSA_CACHE_DIR=off oclgrind --data-races "${extra[@]}" --build-options -cl-opt-disable \
+# Under Oclgrind the simulator is the only device, whatever CLNSA_DEVICE names.
+env -u CLNSA_DEVICE CLNSA_CACHE_DIR=off oclgrind --data-races "${extra[@]}" --build-options -cl-opt-disable \
   --log "$log" "$@"
 rc=$?
 if [ -s "$log" ]; then
   echo "oclgrind reported:"
   head -100 "$log"
+  exit 1
+fi
+if [ $rc -eq 77 ]; then
+  echo "the program found no Oclgrind device: the check did not run"
   exit 1
 fi
 exit $rc
