@@ -43,19 +43,6 @@ static size_t attend_local_bytes(int mode, int dk, int dv, const attend_config *
   return 4 * (floats + ints);
 }
 
-/* A value for NAME from CLNSA_TUNE ("NAME=VALUE,..."), else fallback. The same string
- * reaches the compiler through tuning_env_override, so the host must agree with it. */
-static int tune_env_int(const char *name, int fallback) {
-  const char *s = getenv("CLNSA_TUNE");
-  size_t n = strlen(name);
-  while (s && *s) {
-    if (!strncmp(s, name, n) && s[n] == '=') return atoi(s + n + 1);
-    s = strchr(s, ',');
-    if (s) s++;
-  }
-  return fallback;
-}
-
 /* Register tiles: an item owning a x b outputs loads a + b values per step, so the
  * splits keep a and b near equal (KW keys x RA rows; DW columns x RB rows). */
 static void attend_split(attend_config *c, int dv) {
@@ -67,8 +54,8 @@ static void attend_split(attend_config *c, int dv) {
   dw = dw < min_lanes ? min_lanes : dw;
   if (dw > pow2_ceil(dv) && pow2_ceil(dv) >= min_lanes) dw = pow2_ceil(dv);
   c->dw = dw > c->wg ? c->wg : dw;
-  c->kw = tune_env_int("KW", c->kw);
-  c->dw = tune_env_int("DW", c->dw);
+  c->kw = tuning_env_int("KW", c->kw, 0);
+  c->dw = tuning_env_int("DW", c->dw, 0);
 }
 
 static bool attend_valid(const attend_config *c) {
@@ -91,10 +78,10 @@ static clnsa_status attend_configure(clnsa_context *ctx, int mode, const nsa_dim
   if (mode == MODE_SELECTED && pow2_ceil(d->G) < c->rows) c->rows = pow2_ceil(d->G);
   if (c->rows > c->wg) c->rows = c->wg;
   c->kt = c->rows <= 4 ? 64 : 32;
-  c->rows = tune_env_int("ROWS", c->rows);
-  c->kt = tune_env_int("KT", c->kt);
-  c->wg = tune_env_int("WG", c->wg);
-  const bool fixed = tune_env_int("ROWS", 0) || tune_env_int("KT", 0);
+  c->rows = tuning_env_int("ROWS", c->rows, 0);
+  c->kt = tuning_env_int("KT", c->kt, 0);
+  c->wg = tuning_env_int("WG", c->wg, 0);
+  const bool fixed = tuning_env_int("ROWS", 0, 0) || tuning_env_int("KT", 0, 0);
   size_t budget = ctx->info.local_mem > 2048 ? (size_t)ctx->info.local_mem - 1024 : 32768;
   for (;;) {
     attend_split(c, d->DV);
@@ -147,9 +134,9 @@ static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims 
   /* On an H200 (bf16, D=128) 16-byte loads ran the selected branch 1.7-2.4x faster;
    * the register prefetch gained nothing there (and makes PoCL builds 3x longer), so it
    * stays a tunable, off by default. */
-  const int vec = tune_env_int("VEC", 1);
+  const int vec = tuning_env_int("VEC", 1, 0);
   options_add(&opt, " -DHAS_LSE=%d -DPREFETCH=%d -DVEC_K=%d -DVEC_V=%d", lse ? 1 : 0,
-              tune_env_int("PREFETCH", 0), vec && rows_vec16(k, d->DK),
+              tuning_env_int("PREFETCH", 0, 0), vec && rows_vec16(k, d->DK),
               vec && rows_vec16(v, d->DV));
   options_add_dtype(&opt, "Q", q);
   options_add_dtype(&opt, "K", k);
@@ -232,63 +219,6 @@ static clnsa_status finish_chain(clnsa_context *ctx, enqueue_chain *c, clnsa_sta
   return chain_end(ctx, c, event);
 }
 
-static clnsa_status check_head_dim(clnsa_context *ctx, const char *name, int64_t dim) {
-  if (dim < 1 || dim > CLNSA_MAX_HEAD_DIM)
-    return clnsa_fail(ctx, CLNSA_ERR_HEAD_DIM, "%s: head dimension %lld is outside [1, %d]", name,
-                      (long long)dim, CLNSA_MAX_HEAD_DIM);
-  return CLNSA_SUCCESS;
-}
-
-/* Dimensions of the compressed branch. k_cmp/v_cmp do not tell TK, which positions
- * need: it is seqs->total_k with seqs (so a single sequence with TQ < TK is described
- * by seqs with n = 1), else TQ. NB must then be ceil(TK/BS) (or the packed total). */
-static clnsa_status dims_compressed(clnsa_context *ctx, const clnsa_seqs *seqs,
-                                    const clnsa_tensor *q, const clnsa_tensor *k_cmp,
-                                    const clnsa_tensor *v_cmp, nsa_dims *d) {
-  if (!q) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "q is NULL");
-  if (!k_cmp) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "k_cmp is NULL");
-  if (!v_cmp) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "v_cmp is NULL");
-  if (q->ndim != 4) return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "q must have rank 4");
-  if (k_cmp->ndim != 4 || v_cmp->ndim != 4)
-    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp and v_cmp must have rank 4");
-  CHECK_STATUS(check_head_dim(ctx, "k_cmp", k_cmp->shape[3]));
-  CHECK_STATUS(check_head_dim(ctx, "v_cmp", v_cmp->shape[3]));
-  if (k_cmp->shape[2] < 1 || k_cmp->shape[2] > 65536)
-    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp: %lld kv heads",
-                      (long long)k_cmp->shape[2]);
-  if (k_cmp->shape[0] > (1 << 20) || k_cmp->shape[1] > (1 << 30) || q->shape[1] > (1 << 30))
-    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp or q: batch or length too large");
-  int64_t vshape[4] = {k_cmp->shape[0], k_cmp->shape[1], k_cmp->shape[2], -1};
-  CHECK_STATUS(tensor_check(ctx, k_cmp, "k_cmp", 4, NULL, DT_FLOAT));
-  CHECK_STATUS(tensor_check(ctx, v_cmp, "v_cmp", 4, vshape, DT_FLOAT));
-  d->B = (int)k_cmp->shape[0];
-  d->H = (int)k_cmp->shape[2];
-  d->DK = (int)k_cmp->shape[3];
-  d->DV = (int)v_cmp->shape[3];
-  d->seqs = seqs;
-  if (seqs) {
-    if (seqs->ctx != ctx)
-      return clnsa_fail(ctx, CLNSA_ERR_INVALID_ARGUMENT, "seqs belongs to another context");
-    if (seqs->block_size != d->BS)
-      return clnsa_fail(ctx, CLNSA_ERR_CU_SEQLENS, "seqs was made for block size %d, not %d",
-                        seqs->block_size, d->BS);
-    if (d->B != 1)
-      return clnsa_fail(ctx, CLNSA_ERR_CU_SEQLENS, "varlen needs B = 1, k_cmp has B = %d", d->B);
-    d->TK = seqs->total_k;
-    d->NB = seqs->total_c;
-  } else {
-    d->TK = (int)q->shape[1];
-    d->NB = (d->TK + d->BS - 1) / d->BS;
-  }
-  if (k_cmp->shape[1] != d->NB)
-    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH,
-                      "k_cmp has %lld compressed rows, expected %d for %d keys of block size "
-                      "%d (without seqs, keys = queries)",
-                      (long long)k_cmp->shape[1], d->NB, d->TK, d->BS);
-  if (d->scale == 0) d->scale = (float)(1.0 / sqrt((double)d->DK));
-  return dims_q(ctx, q, d);
-}
-
 clnsa_status clnsa_compressed_attention(clnsa_context *ctx, const clnsa_params *params,
                                         const clnsa_seqs *seqs, const clnsa_tensor *q,
                                         const clnsa_tensor *k_cmp, const clnsa_tensor *v_cmp,
@@ -297,7 +227,8 @@ clnsa_status clnsa_compressed_attention(clnsa_context *ctx, const clnsa_params *
   if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
   nsa_dims d = {0};
   CHECK_STATUS(dims_params(ctx, params, &d));
-  CHECK_STATUS(dims_compressed(ctx, seqs, q, k_cmp, v_cmp, &d));
+  if (!v_cmp) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "v_cmp is NULL");
+  CHECK_STATUS(dims_cmp(ctx, seqs, q, k_cmp, v_cmp, &d));
   CHECK_STATUS(check_outputs(ctx, &d, o_cmp, "o_cmp", lse_cmp, "lse_cmp"));
   enqueue_chain c;
   chain_begin(&c, nwait, wait);

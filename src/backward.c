@@ -137,15 +137,11 @@ static void fit_tile(size_t budget, size_t extra, int dk, int dv, int *rows, int
 /* CLNSA_TUNE="NAME=VALUE,..." may set THREADS, QROWS, QKEYS, KROWS, KKEYS (experiments;
  * powers of two). */
 static void tune_from_env(bwd_tuning *t) {
-  const char *env = getenv("CLNSA_TUNE");
-  if (!env) return;
-  const char *names[5] = {"THREADS=", "QROWS=", "QKEYS=", "KROWS=", "KKEYS="};
-  int *fields[5] = {&t->threads, &t->qrows, &t->qkeys, &t->krows, &t->kkeys};
-  for (int i = 0; i < 5; i++) {
-    const char *at = strstr(env, names[i]);
-    int v = at ? atoi(at + strlen(names[i])) : 0;
-    if (v > 0 && (at == env || at[-1] == ',')) *fields[i] = v;
-  }
+  t->threads = tuning_env_int("THREADS", t->threads, 1);
+  t->qrows = tuning_env_int("QROWS", t->qrows, 1);
+  t->qkeys = tuning_env_int("QKEYS", t->qkeys, 1);
+  t->krows = tuning_env_int("KROWS", t->krows, 1);
+  t->kkeys = tuning_env_int("KKEYS", t->kkeys, 1);
 }
 
 static bwd_tuning tuning_backward(const clnsa_context *ctx, int dk, int dv, int G) {
@@ -170,34 +166,6 @@ static bwd_tuning tuning_backward(const clnsa_context *ctx, int dk, int dv, int 
 }
 
 /* ---- validation ---- */
-static clnsa_status check_rows(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *t,
-                               const char *name) {
-  if (!t) return CLNSA_SUCCESS;
-  int64_t s[3];
-  dims_shape_rows(d, s);
-  return tensor_check(ctx, t, name, 3, s, DT_FLOAT);
-}
-
-static clnsa_status check_inputs(clnsa_context *ctx, const clnsa_params *params,
-                                 const clnsa_inputs *in, nsa_dims *d) {
-  if (!in) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "inputs are NULL");
-  memset(d, 0, sizeof *d);
-  CHECK_STATUS(dims_params(ctx, params, d));
-  CHECK_STATUS(dims_kv(ctx, in->seqs, in->k, in->v, "k", "v", d));
-  CHECK_STATUS(dims_q(ctx, in->q, d));
-  CHECK_STATUS(check_rows(ctx, d, in->g_cmp, "g_cmp"));
-  CHECK_STATUS(check_rows(ctx, d, in->g_slc, "g_slc"));
-  CHECK_STATUS(check_rows(ctx, d, in->g_swa, "g_swa"));
-  int64_t si[4], sc[3];
-  dims_shape_idx(d, si);
-  dims_shape_counts(d, sc);
-  if (in->block_indices)
-    CHECK_STATUS(tensor_check(ctx, in->block_indices, "block_indices", 4, si, DT_INT));
-  if (in->block_counts)
-    CHECK_STATUS(tensor_check(ctx, in->block_counts, "block_counts", 3, sc, DT_INT));
-  return CLNSA_SUCCESS;
-}
-
 static clnsa_status check_grads(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
                                 const clnsa_grads *g) {
   if (!g) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "grads is NULL");
@@ -211,7 +179,7 @@ static clnsa_status check_grads(clnsa_context *ctx, const nsa_dims *d, const cln
     if (dg[i] && !gate[i])
       return clnsa_fail(ctx, CLNSA_ERR_INVALID_ARGUMENT, "%s is given but its gate is not",
                         name[i]);
-    CHECK_STATUS(check_rows(ctx, d, dg[i], name[i]));
+    CHECK_STATUS(dims_check_rows(ctx, d, dg[i], name[i]));
   }
   return CLNSA_SUCCESS;
 }
@@ -636,7 +604,7 @@ clnsa_status clnsa_backward(clnsa_context *ctx, const clnsa_params *params, cons
                             cl_uint nwait, const cl_event *wait, cl_event *event) {
   if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
   nsa_dims d;
-  CHECK_STATUS(check_inputs(ctx, params, in, &d));
+  CHECK_STATUS(inputs_validate(ctx, params, in, &d));
   int64_t so[4];
   dims_shape_o(&d, so);
   CHECK_STATUS(tensor_check(ctx, d_o, "d_o", 4, so, DT_FLOAT));

@@ -1,6 +1,7 @@
 /* Problem dimensions: parameters, shapes and varlen packing, validated once for every
  * stage. See docs/SEMANTICS.md for what each name means. */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -47,6 +48,18 @@ static clnsa_status check_head_dim(clnsa_context *ctx, const char *name, int64_t
   return CLNSA_SUCCESS;
 }
 
+/* The part of a varlen description every stage checks the same way. */
+static clnsa_status dims_seqs(clnsa_context *ctx, const clnsa_seqs *seqs, nsa_dims *d) {
+  d->seqs = seqs;
+  if (!seqs) return CLNSA_SUCCESS;
+  if (seqs->ctx != ctx)
+    return clnsa_fail(ctx, CLNSA_ERR_INVALID_ARGUMENT, "seqs belongs to another context");
+  if (seqs->block_size != d->BS)
+    return clnsa_fail(ctx, CLNSA_ERR_CU_SEQLENS, "seqs was made for block size %d, not %d",
+                      seqs->block_size, d->BS);
+  return CLNSA_SUCCESS;
+}
+
 clnsa_status dims_kv(clnsa_context *ctx, const clnsa_seqs *seqs, const clnsa_tensor *k,
                      const clnsa_tensor *v, const char *kname, const char *vname, nsa_dims *d) {
   if (!k) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "%s is NULL", kname);
@@ -68,13 +81,8 @@ clnsa_status dims_kv(clnsa_context *ctx, const clnsa_seqs *seqs, const clnsa_ten
   d->H = (int)k->shape[2];
   d->DK = (int)k->shape[3];
   d->DV = (int)v->shape[3];
-  d->seqs = seqs;
+  CHECK_STATUS(dims_seqs(ctx, seqs, d));
   if (seqs) {
-    if (seqs->ctx != ctx)
-      return clnsa_fail(ctx, CLNSA_ERR_INVALID_ARGUMENT, "seqs belongs to another context");
-    if (seqs->block_size != d->BS)
-      return clnsa_fail(ctx, CLNSA_ERR_CU_SEQLENS, "seqs was made for block size %d, not %d",
-                        seqs->block_size, d->BS);
     if (d->B != 1 || d->TK != seqs->total_k)
       return clnsa_fail(ctx, CLNSA_ERR_CU_SEQLENS,
                         "varlen needs B = 1 and %s length %d = cu_seqlens_k[n] = %d", kname,
@@ -85,6 +93,50 @@ clnsa_status dims_kv(clnsa_context *ctx, const clnsa_seqs *seqs, const clnsa_ten
   }
   if (d->scale == 0) d->scale = (float)(1.0 / sqrt((double)d->DK));
   return CLNSA_SUCCESS;
+}
+
+clnsa_status dims_cmp(clnsa_context *ctx, const clnsa_seqs *seqs, const clnsa_tensor *q,
+                      const clnsa_tensor *k_cmp, const clnsa_tensor *v_cmp, nsa_dims *d) {
+  if (!q) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "q is NULL");
+  if (!k_cmp) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "k_cmp is NULL");
+  if (q->ndim != 4 || k_cmp->ndim != 4 || (v_cmp && v_cmp->ndim != 4))
+    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "q, k_cmp and v_cmp must have rank 4");
+  CHECK_STATUS(check_head_dim(ctx, "k_cmp", k_cmp->shape[3]));
+  if (v_cmp) CHECK_STATUS(check_head_dim(ctx, "v_cmp", v_cmp->shape[3]));
+  if (k_cmp->shape[2] < 1 || k_cmp->shape[2] > 65536)
+    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp: %lld kv heads",
+                      (long long)k_cmp->shape[2]);
+  if (k_cmp->shape[0] > (1 << 20) || k_cmp->shape[1] > (1 << 30) || q->shape[1] > (1 << 30) ||
+      k_cmp->shape[0] * q->shape[1] > INT32_MAX || k_cmp->shape[0] * k_cmp->shape[1] > INT32_MAX)
+    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp or q: batch or length too large");
+  CHECK_STATUS(tensor_check(ctx, k_cmp, "k_cmp", 4, NULL, DT_FLOAT));
+  if (v_cmp) {
+    int64_t vshape[4] = {k_cmp->shape[0], k_cmp->shape[1], k_cmp->shape[2], -1};
+    CHECK_STATUS(tensor_check(ctx, v_cmp, "v_cmp", 4, vshape, DT_FLOAT));
+  }
+  d->B = (int)k_cmp->shape[0];
+  d->H = (int)k_cmp->shape[2];
+  d->DK = (int)k_cmp->shape[3];
+  d->DV = v_cmp ? (int)v_cmp->shape[3] : d->DK;
+  CHECK_STATUS(dims_seqs(ctx, seqs, d));
+  if (seqs) {
+    if (d->B != 1)
+      return clnsa_fail(ctx, CLNSA_ERR_CU_SEQLENS, "varlen needs B = 1, k_cmp has B = %d", d->B);
+    d->TK = seqs->total_k;
+    d->NB = seqs->total_c;
+  } else {
+    d->TK = (int)q->shape[1];
+    d->NB = (d->TK + d->BS - 1) / d->BS;
+  }
+  if (k_cmp->shape[1] != d->NB)
+    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH,
+                      "k_cmp has %lld compressed rows, expected %d for %d keys of block size "
+                      "%d (%s)",
+                      (long long)k_cmp->shape[1], d->NB, d->TK, d->BS,
+                      seqs ? "the packed total of the sequences"
+                           : "without seqs, keys = queries; pass seqs when TQ < TK");
+  if (d->scale == 0) d->scale = (float)(1.0 / sqrt((double)d->DK));
+  return dims_q(ctx, q, d);
 }
 
 clnsa_status dims_q(clnsa_context *ctx, const clnsa_tensor *q, nsa_dims *d) {
@@ -134,6 +186,14 @@ void dims_shape_idx(const nsa_dims *d, int64_t s[4]) {
   s[0] = d->B, s[1] = d->TQ, s[2] = d->H, s[3] = d->S;
 }
 void dims_shape_counts(const nsa_dims *d, int64_t s[3]) { s[0] = d->B, s[1] = d->TQ, s[2] = d->H; }
+
+clnsa_status dims_check_rows(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *t,
+                             const char *name) {
+  if (!t) return CLNSA_SUCCESS;
+  int64_t s[3];
+  dims_shape_rows(d, s);
+  return tensor_check(ctx, t, name, 3, s, DT_FLOAT);
+}
 
 cl_int dims_set_seq_args(cl_kernel k, cl_uint *arg, const nsa_dims *d) {
   cl_int nseq = d->seqs ? d->seqs->n : 0;

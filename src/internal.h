@@ -89,6 +89,9 @@ typedef struct attend_tuning {
 attend_tuning tuning_attend(const clnsa_context *ctx, int dk, int dv, int rows_hint);
 /* Appends CLNSA_TUNE (environment, "NAME=VALUE,NAME=VALUE") as -D defines: experiments only. */
 void tuning_env_override(build_options *o);
+/* The value CLNSA_TUNE gives `name` (an integer >= min), else fallback: for tunables the
+ * host must know too (they size the grid), so that host and kernel never disagree. */
+int tuning_env_int(const char *name, int fallback, int min);
 
 /* ---- tensors (tensor.c) ---- */
 /* Checks a tensor's handle, dtype (allowed: bit mask of 1u << dtype), rank, shape
@@ -127,6 +130,11 @@ clnsa_status dims_params(clnsa_context *ctx, const clnsa_params *p, nsa_dims *d)
 /* From k and v (both [B,TK,H,D]); seqs may be NULL. */
 clnsa_status dims_kv(clnsa_context *ctx, const clnsa_seqs *seqs, const clnsa_tensor *k,
                      const clnsa_tensor *v, const char *kname, const char *vname, nsa_dims *d);
+/* For stages that see pooled keys instead of k and v (compressed attention, top-k;
+ * v_cmp may be NULL): k_cmp does not tell TK, so it is seqs->total_k with seqs, else TQ,
+ * and k_cmp must have NB = ceil(TK/BS) rows (or the packed total). Also runs dims_q. */
+clnsa_status dims_cmp(clnsa_context *ctx, const clnsa_seqs *seqs, const clnsa_tensor *q,
+                      const clnsa_tensor *k_cmp, const clnsa_tensor *v_cmp, nsa_dims *d);
 /* From q given dims_kv's result: HQ, G, TQ, and the varlen agreement. */
 clnsa_status dims_q(clnsa_context *ctx, const clnsa_tensor *q, nsa_dims *d);
 /* Expected shapes, to pass to tensor_check. */
@@ -137,9 +145,17 @@ void dims_shape_kcmp(const nsa_dims *d, int64_t s[4]);    /* [B,NB,H,DK] */
 void dims_shape_vcmp(const nsa_dims *d, int64_t s[4]);    /* [B,NB,H,DV] */
 void dims_shape_idx(const nsa_dims *d, int64_t s[4]);     /* [B,TQ,H,S] */
 void dims_shape_counts(const nsa_dims *d, int64_t s[3]);  /* [B,TQ,H] */
+/* An optional float tensor of shape [B,TQ,HQ] (gates, their gradients). */
+clnsa_status dims_check_rows(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *t,
+                             const char *name);
 /* Sets the sequence arguments every kernel takes after its tensors:
  * cu (global int*, NULL without seqs), nseq, B, TQ, TK, NB, HQ, H. */
 cl_int dims_set_seq_args(cl_kernel k, cl_uint *arg, const nsa_dims *d);
+
+/* nsa.c: the whole pass's inputs (params, q/k/v, gates, indices, counts), for the forward,
+ * the workspace size queries and the backward. */
+clnsa_status inputs_validate(clnsa_context *ctx, const clnsa_params *params,
+                             const clnsa_inputs *in, nsa_dims *d);
 
 /* ---- enqueue chains (launch.c): several kernels behave as one clEnqueue* call ---- */
 typedef struct enqueue_chain {

@@ -69,24 +69,16 @@ static clnsa_tensor ws_view(const clnsa_workspace *ws, size_t byte_off, clnsa_dt
 }
 
 /* ---- validation shared by the size queries and the forward ---- */
-static clnsa_status check_gate(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *g,
-                               const char *name) {
-  if (!g) return CLNSA_SUCCESS;
-  int64_t s[3];
-  dims_shape_rows(d, s);
-  return tensor_check(ctx, g, name, 3, s, DT_FLOAT);
-}
-
-static clnsa_status validate_inputs(clnsa_context *ctx, const clnsa_params *params,
-                                    const clnsa_inputs *in, nsa_dims *d) {
+clnsa_status inputs_validate(clnsa_context *ctx, const clnsa_params *params,
+                             const clnsa_inputs *in, nsa_dims *d) {
   if (!in) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "inputs are NULL");
   memset(d, 0, sizeof *d);
   CHECK_STATUS(dims_params(ctx, params, d));
   CHECK_STATUS(dims_kv(ctx, in->seqs, in->k, in->v, "k", "v", d));
   CHECK_STATUS(dims_q(ctx, in->q, d));
-  CHECK_STATUS(check_gate(ctx, d, in->g_cmp, "g_cmp"));
-  CHECK_STATUS(check_gate(ctx, d, in->g_slc, "g_slc"));
-  CHECK_STATUS(check_gate(ctx, d, in->g_swa, "g_swa"));
+  CHECK_STATUS(dims_check_rows(ctx, d, in->g_cmp, "g_cmp"));
+  CHECK_STATUS(dims_check_rows(ctx, d, in->g_slc, "g_slc"));
+  CHECK_STATUS(dims_check_rows(ctx, d, in->g_swa, "g_swa"));
   int64_t si[4], sc[3];
   dims_shape_idx(d, si);
   dims_shape_counts(d, sc);
@@ -106,7 +98,7 @@ clnsa_status clnsa_forward_workspace_size(clnsa_context *ctx, const clnsa_params
   if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
   if (!bytes) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "bytes is NULL");
   nsa_dims d;
-  CHECK_STATUS(validate_inputs(ctx, params, in, &d));
+  CHECK_STATUS(inputs_validate(ctx, params, in, &d));
   ws_layout l;
   workspace_layout(&d, window_runs(&d, in), &l);
   *bytes = l.end;
@@ -118,7 +110,7 @@ clnsa_status clnsa_backward_workspace_size(clnsa_context *ctx, const clnsa_param
   if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
   if (!bytes) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "bytes is NULL");
   nsa_dims d;
-  CHECK_STATUS(validate_inputs(ctx, params, in, &d));
+  CHECK_STATUS(inputs_validate(ctx, params, in, &d));
   ws_layout l;
   workspace_layout(&d, window_runs(&d, in), &l);
   size_t scratch = backward_scratch_bytes(&d);
@@ -279,7 +271,7 @@ clnsa_status clnsa_forward(clnsa_context *ctx, const clnsa_params *params, const
                            const cl_event *wait, cl_event *event) {
   if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
   nsa_dims d;
-  CHECK_STATUS(validate_inputs(ctx, params, in, &d));
+  CHECK_STATUS(inputs_validate(ctx, params, in, &d));
   int64_t so[4];
   dims_shape_o(&d, so);
   CHECK_STATUS(tensor_check(ctx, o, "o", 4, so, DT_FLOAT));

@@ -32,17 +32,10 @@ static size_t topk_local_bytes(int dk, const topk_tuning *t) {
 
 /* CLNSA_TUNE may name TOPK_TILE, TOPK_WG, TOPK_GC, TOPK_GR (experiments only). */
 static void topk_tune_env(topk_tuning *t) {
-  const char *env = getenv("CLNSA_TUNE");
-  if (!env) return;
-  const struct {
-    const char *name;
-    int *value;
-  } names[] = {
-      {"TOPK_TILE=", &t->tile}, {"TOPK_WG=", &t->wg}, {"TOPK_GC=", &t->gc}, {"TOPK_GR=", &t->gr}};
-  for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-    const char *at = strstr(env, names[i].name);
-    if (at) *names[i].value = atoi(at + strlen(names[i].name));
-  }
+  t->tile = tuning_env_int("TOPK_TILE", t->tile, 1);
+  t->wg = tuning_env_int("TOPK_WG", t->wg, 1);
+  t->gc = tuning_env_int("TOPK_GC", t->gc, 1);
+  t->gr = tuning_env_int("TOPK_GR", t->gr, 1);
 }
 
 /* Largest tile whose key tile and all G query rows fit (CPUs try 64, 32, 16; GPUs 32, 16:
@@ -116,57 +109,6 @@ clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
   return chain_launch(ctx, c, kern, 2, global, local);
 }
 
-/* k_cmp alone does not give TK: without seqs the queries are the whole sequence (TK =
- * TQ); a caller with TQ < TK describes it with a clnsa_seqs of one sequence. */
-static clnsa_status topk_dims(clnsa_context *ctx, const clnsa_params *params,
-                              const clnsa_seqs *seqs, const clnsa_tensor *q,
-                              const clnsa_tensor *k_cmp, nsa_dims *d) {
-  CHECK_STATUS(dims_params(ctx, params, d));
-  if (!k_cmp) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "k_cmp is NULL");
-  if (!q) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "q is NULL");
-  if (k_cmp->ndim != 4) return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp must have rank 4");
-  if (k_cmp->shape[3] < 1 || k_cmp->shape[3] > CLNSA_MAX_HEAD_DIM)
-    return clnsa_fail(ctx, CLNSA_ERR_HEAD_DIM, "k_cmp: head dimension %lld is outside [1, %d]",
-                      (long long)k_cmp->shape[3], CLNSA_MAX_HEAD_DIM);
-  if (k_cmp->shape[2] < 1 || k_cmp->shape[2] > 65536)
-    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp: %lld kv heads",
-                      (long long)k_cmp->shape[2]);
-  if (k_cmp->shape[0] > (1 << 20) || k_cmp->shape[1] > (1 << 30) || q->ndim != 4 ||
-      q->shape[1] > (1 << 30) || k_cmp->shape[0] * q->shape[1] > INT32_MAX ||
-      k_cmp->shape[0] * k_cmp->shape[1] > INT32_MAX)
-    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH,
-                      "q and k_cmp: rank 4 needed, batch or length too large");
-  CHECK_STATUS(tensor_check(ctx, k_cmp, "k_cmp", 4, NULL, DT_FLOAT));
-  d->B = (int)k_cmp->shape[0];
-  d->H = (int)k_cmp->shape[2];
-  d->DK = (int)k_cmp->shape[3];
-  d->DV = d->DK; /* unused here */
-  d->seqs = seqs;
-  if (seqs) {
-    if (seqs->ctx != ctx)
-      return clnsa_fail(ctx, CLNSA_ERR_INVALID_ARGUMENT, "seqs belongs to another context");
-    if (seqs->block_size != d->BS)
-      return clnsa_fail(ctx, CLNSA_ERR_CU_SEQLENS, "seqs was made for block size %d, not %d",
-                        seqs->block_size, d->BS);
-    if (d->B != 1)
-      return clnsa_fail(ctx, CLNSA_ERR_CU_SEQLENS, "varlen needs B = 1, k_cmp has %d", d->B);
-    d->TK = seqs->total_k;
-    d->NB = seqs->total_c;
-  } else {
-    d->TK = (int)q->shape[1];
-    d->NB = (d->TK + d->BS - 1) / d->BS;
-  }
-  CHECK_STATUS(dims_q(ctx, q, d));
-  if (k_cmp->shape[1] != d->NB)
-    return clnsa_fail(ctx, CLNSA_ERR_SHAPE_MISMATCH, "k_cmp has %lld blocks, expected %d (%s)",
-                      (long long)k_cmp->shape[1], d->NB,
-                      seqs ? "the packed total of the sequences"
-                           : "ceil(TQ / block_size); "
-                             "pass seqs when TQ < TK");
-  if (d->scale == 0) d->scale = (float)(1.0 / sqrt((double)d->DK));
-  return CLNSA_SUCCESS;
-}
-
 clnsa_status clnsa_topk(clnsa_context *ctx, const clnsa_params *params, const clnsa_seqs *seqs,
                         const clnsa_tensor *q, const clnsa_tensor *k_cmp,
                         const clnsa_tensor *lse_cmp, const clnsa_tensor *block_counts,
@@ -174,7 +116,8 @@ clnsa_status clnsa_topk(clnsa_context *ctx, const clnsa_params *params, const cl
                         cl_event *event) {
   if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
   nsa_dims d = {0};
-  CHECK_STATUS(topk_dims(ctx, params, seqs, q, k_cmp, &d));
+  CHECK_STATUS(dims_params(ctx, params, &d));
+  CHECK_STATUS(dims_cmp(ctx, seqs, q, k_cmp, NULL, &d));
   int64_t rows[3], counts[3], idx[4];
   dims_shape_rows(&d, rows);
   dims_shape_counts(&d, counts);

@@ -44,3 +44,19 @@ void tuning_env_override(build_options *o) {
   for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ","))
     if (strchr(tok, '=')) options_add(o, " -D%s", tok);
 }
+
+int tuning_env_int(const char *name, int fallback, int min) {
+  const char *s = getenv("CLNSA_TUNE");
+  size_t n = strlen(name);
+  while (s && *s) {
+    if (!strncmp(s, name, n) && s[n] == '=') {
+      char *end;
+      long v = strtol(s + n + 1, &end, 10);
+      bool whole = end != s + n + 1 && (*end == ',' || *end == '\0');
+      return whole && v >= min && v <= (1 << 20) ? (int)v : fallback;
+    }
+    s = strchr(s, ',');
+    if (s) s++;
+  }
+  return fallback;
+}
