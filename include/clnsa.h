@@ -14,7 +14,9 @@
  *    drop that retain; clnsa never releases what it did not retain.
  *  - Threads: there is no global mutable state. A clnsa_context may be used by one thread
  *    at a time; different contexts (on the same or different devices and vendors) may be
- *    used from different threads concurrently.
+ *    used from different threads concurrently (tests/test_threads.c). Device discovery
+ *    (clnsa_select_device) takes a process-wide lock, because some drivers' first
+ *    initialization is not thread-safe.
  */
 #ifndef CLNSA_H
 #define CLNSA_H

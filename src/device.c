@@ -1,5 +1,6 @@
 /* Device discovery: the selector grammar and the facts tuning and caching need. */
 #include <ctype.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -79,9 +80,27 @@ static bool is_index(const char *s) {
   return true;
 }
 
+static clnsa_status select_device(const char *selector, cl_platform_id *platform_out,
+                                  cl_device_id *device_out, char *message,
+                                  size_t message_size);
+
+/* Device discovery is serialized: PoCL 3.1 initializes its devices on the first
+ * clGetDeviceIDs, and a second thread arriving meanwhile is told the platform has no
+ * device (tests/test_threads.c). The lock guards the driver, not clnsa state. */
+static pthread_mutex_t discovery_lock = PTHREAD_MUTEX_INITIALIZER;
+
 clnsa_status clnsa_select_device(const char *selector, cl_platform_id *platform_out,
                                  cl_device_id *device_out, char *message,
                                  size_t message_size) {
+  pthread_mutex_lock(&discovery_lock);
+  clnsa_status st = select_device(selector, platform_out, device_out, message, message_size);
+  pthread_mutex_unlock(&discovery_lock);
+  return st;
+}
+
+static clnsa_status select_device(const char *selector, cl_platform_id *platform_out,
+                                  cl_device_id *device_out, char *message,
+                                  size_t message_size) {
   char dummy[8];
   if (!message) {
     message = dummy;
