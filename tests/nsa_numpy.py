@@ -1,12 +1,16 @@
-"""A float64 NumPy implementation of the NSA forward, written from the semantics
-(docs/SEMANTICS.md, from shared/nsa-semantics.md) as a second reference, independent of
-the C host reference in tests/reference.c and of the kernels.
+"""A float64 NumPy implementation of the NSA forward and backward, written from the
+semantics (docs/SEMANTICS.md, from shared/nsa-semantics.md) as a second reference,
+independent of the C host reference in tests/reference.c and of the kernels.
 
     res = nsa_forward(q, k, v, g_cmp=..., block_size=64, block_count=16, ...)
     res.o              [B, TQ, HQ, DV] float64
     res.block_indices  [B, TQ, H, S] int64: the blocks used (top-k, or the given ones)
     res.importance     [B, TQ, H, NBmax] float64: top-k importance of each candidate
                        c < IC(p) of the query's own sequence, NaN elsewhere
+
+    grads = nsa_backward(q, k, v, do, <the same keyword arguments>)
+    grads.dq, grads.dk, grads.dv          shapes of q, k, v, float64
+    grads.dg_cmp, grads.dg_slc, grads.dg_swa   [B, TQ, HQ] for each gate given, else None
 
 Shapes: q [B,TQ,HQ,DK], k [B,TK,H,DK], v [B,TK,H,DV], gates [B,TQ,HQ]. With cu_seqlens
 (B = 1) the token axis packs independent sequences; cu_seqlens_k gives the key offsets
@@ -22,6 +26,16 @@ class NSAResult:
     o: np.ndarray
     block_indices: np.ndarray
     importance: np.ndarray
+
+
+@dataclass
+class NSAGrads:
+    dq: np.ndarray
+    dk: np.ndarray
+    dv: np.ndarray
+    dg_cmp: object  # np.ndarray [B,TQ,HQ], or None when the gate is not given
+    dg_slc: object
+    dg_swa: object
 
 
 def _segments(B, TQ, TK, cu_seqlens, cu_seqlens_k):
@@ -143,3 +157,123 @@ def nsa_forward(q, k, v, *, g_cmp=None, g_slc=None, g_swa=None, block_indices=No
             block_size, S, window, scale, G)
         imp[b, rows, :, :seg_imp.shape[-1]] = seg_imp
     return NSAResult(o, idx, imp)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward (semantics section 7), written by hand: the gradient of each attention branch,
+# the gates as dg = sum_d do * o_branch, the compressed branch back through mean pooling.
+# The block indices are constants (those the forward used).
+# ---------------------------------------------------------------------------------------
+def _attend_bwd(q, k, v, do, scale):
+    """o = softmax(scale q k^T) v for q [HQ,DK], keys k [n,HQ,DK], values v [n,HQ,DV],
+    and its gradients given do [HQ,DV]: (o, dq [HQ,DK], dk [n,HQ,DK], dv [n,HQ,DV])."""
+    n = k.shape[0]
+    if n == 0:
+        return (np.zeros((q.shape[0], v.shape[-1])), np.zeros_like(q), np.zeros_like(k),
+                np.zeros_like(v))
+    s = scale * np.einsum("hd,nhd->hn", q, k)
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    o = np.einsum("hn,nhd->hd", p, v)
+    dp = np.einsum("he,nhe->hn", do, v)                        # dP = dO V^T
+    ds = p * (dp - np.sum(do * o, axis=1, keepdims=True))      # dS = P (dP - rowsum(dO O))
+    dq = scale * np.einsum("hn,nhd->hd", ds, k)                # dq = scale dS K
+    dk = scale * np.einsum("hn,hd->nhd", ds, q)                # dk = scale dS^T Q
+    dv = np.einsum("hn,he->nhe", p, do)                        # dv = P^T dO
+    return o, dq, dk, dv
+
+
+def _sequence_bwd(q, k, v, do, gates, idx, BS, W, scale, G):
+    """One sequence with TQ = TK: q [T,HQ,DK], k [T,H,DK], v [T,H,DV], do [T,HQ,DV],
+    gates as in _sequence, idx [T,H,S] the blocks the forward used. Returns
+    (dq, dk, dv, [dg_cmp, dg_slc, dg_swa] each [T,HQ] or None)."""
+    T, HQ, DK = q.shape
+    H, DV = k.shape[1], v.shape[-1]
+    NB = -(-T // BS)
+    k_cmp = np.stack([k[c * BS:(c + 1) * BS].mean(axis=0) for c in range(NB)]) if NB else k[:0]
+    v_cmp = np.stack([v[c * BS:(c + 1) * BS].mean(axis=0) for c in range(NB)]) if NB else v[:0]
+    kq, vq = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
+    kcq, vcq = np.repeat(k_cmp, G, axis=1), np.repeat(v_cmp, G, axis=1)
+    g_cmp, g_slc, g_swa = gates
+    # Gradients per query head (kq/vq layout); folded onto kv heads at the end.
+    dq = np.zeros_like(q)
+    dkq, dvq = np.zeros((T, HQ, DK)), np.zeros((T, HQ, DV))
+    dkc, dvc = np.zeros((NB, HQ, DK)), np.zeros((NB, HQ, DV))
+    dg = [None if g is None else np.zeros((T, HQ)) for g in gates]
+
+    def branch(i, heads, gate, keys, vals, slot):
+        """Backward of one branch for query i and these heads (gate None: weight 1): adds
+        to dq, sets dg[slot] when that gate is given, returns dk, dv of its keys [n,heads,D]."""
+        w = 1.0 if gate is None else gate[i, heads][:, None]
+        o_b, dq_b, dk_b, dv_b = _attend_bwd(q[i, heads], keys, vals, w * do[i, heads], scale)
+        dq[i, heads] += dq_b
+        if dg[slot] is not None:
+            dg[slot][i, heads] = np.sum(do[i, heads] * o_b, axis=-1)
+        return dk_b, dv_b
+
+    allh = slice(0, HQ)
+    for i in range(T):
+        nc, ic = (i + 1) // BS, i // BS
+        # Selected branch, per kv head: the listed blocks' tokens j <= i, each once.
+        for h in range(H):
+            blocks = sorted({int(c) for c in idx[i, h] if 0 <= c <= ic})
+            keys = [j for c in blocks for j in range(c * BS, min((c + 1) * BS, i + 1))]
+            heads = slice(h * G, (h + 1) * G)
+            dk_b, dv_b = branch(i, heads, g_slc, kq[keys, heads], vq[keys, heads], 1)
+            dkq[keys, heads] += dk_b
+            dvq[keys, heads] += dv_b
+        # Compressed branch (only with g_cmp): the complete past blocks c < NC.
+        if g_cmp is not None:
+            dk_b, dv_b = branch(i, allh, g_cmp, kcq[:nc], vcq[:nc], 0)
+            dkc[:nc] += dk_b
+            dvc[:nc] += dv_b
+        # Window branch (only with W > 0 and g_swa; else dg_swa stays 0): i-W < j <= i.
+        if W > 0 and g_swa is not None:
+            lo = max(0, i - W + 1)
+            dk_b, dv_b = branch(i, allh, g_swa, kq[lo:i + 1], vq[lo:i + 1], 2)
+            dkq[lo:i + 1] += dk_b
+            dvq[lo:i + 1] += dv_b
+    # Query head hq read kv head hq // G: sum the G heads of each group.
+    dk = dkq.reshape(T, H, G, DK).sum(axis=2)
+    dv = dvq.reshape(T, H, G, DV).sum(axis=2)
+    dk_cmp = dkc.reshape(NB, H, G, DK).sum(axis=2)
+    dv_cmp = dvc.reshape(NB, H, G, DV).sum(axis=2)
+    # Mean pooling: each token of block c receives d*_cmp[c] / len(c).
+    for c in range(NB):
+        n = min((c + 1) * BS, T) - c * BS
+        dk[c * BS:c * BS + n] += dk_cmp[c] / n
+        dv[c * BS:c * BS + n] += dv_cmp[c] / n
+    return dq, dk, dv, dg
+
+
+def nsa_backward(q, k, v, do, *, g_cmp=None, g_slc=None, g_swa=None, block_indices=None,
+                 block_counts=None, block_size=64, block_count=16, window=0, scale=None,
+                 cu_seqlens=None, cu_seqlens_k=None):
+    """Gradients of L = sum(do * o) for the forward nsa_forward computes with the same
+    arguments; block indices are those it uses (given, or top-k), held constant.
+    Needs TQ = TK for every sequence (no backward otherwise)."""
+    fwd = nsa_forward(q, k, v, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa,
+                      block_indices=block_indices, block_counts=block_counts,
+                      block_size=block_size, block_count=block_count, window=window,
+                      scale=scale, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k)
+    q, k, v, do = (np.asarray(x, dtype=np.float64) for x in (q, k, v, do))
+    B, TQ, HQ, DK = q.shape
+    _, TK, H, _ = k.shape
+    G = HQ // H
+    scale = 1.0 / np.sqrt(DK) if not scale else float(scale)
+    gates = [None if g is None else np.asarray(g, dtype=np.float64) for g in (g_cmp, g_slc, g_swa)]
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    dg = [None if g is None else np.zeros((B, TQ, HQ)) for g in gates]
+    for b, q0, q1, k0, k1 in _segments(B, TQ, TK, cu_seqlens, cu_seqlens_k):
+        if q1 - q0 != k1 - k0:
+            raise ValueError("backward needs TQ = TK for every sequence")
+        rows = slice(q0, q1)
+        seg_dq, seg_dk, seg_dv, seg_dg = _sequence_bwd(
+            q[b, rows], k[b, k0:k1], v[b, k0:k1], do[b, rows],
+            [None if g is None else g[b, rows] for g in gates], fwd.block_indices[b, rows],
+            block_size, window, scale, G)
+        dq[b, rows], dk[b, k0:k1], dv[b, k0:k1] = seg_dq, seg_dk, seg_dv
+        for x, seg in zip(dg, seg_dg):
+            if x is not None:
+                x[b, rows] = seg
+    return NSAGrads(dq, dk, dv, *dg)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """End-to-end test of the `clnsa` tool: writes .npy inputs, runs `clnsa run`, and compares
-o and the block index sets with the float64 NumPy reference (tests/nsa_numpy.py).
+o, the block index sets and (with --do) the gradients with the float64 NumPy reference
+(tests/nsa_numpy.py), whose backward is itself checked against finite differences here.
 
 usage: test_cli.py path/to/clnsa     (meson passes the built tool)
 Environment: CLNSA_DEVICE picks the device, CLNSA_TEST_SEED replays a run, CLNSA_CACHE_DIR
@@ -21,9 +22,10 @@ except ImportError:
     sys.exit(SKIP)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nsa_numpy import nsa_forward  # noqa: E402
+from nsa_numpy import nsa_backward, nsa_forward  # noqa: E402
 
 TOL = {"f32": 1e-5, "f16": 5e-3, "bf16": 2e-2}
+GATE = {"c": "cmp", "s": "slc", "w": "swa"}
 
 
 def round_to(x, dtype):
@@ -44,8 +46,10 @@ def round_to(x, dtype):
 def case(name, **kw):
     c = dict(name=name, B=1, TQ=None, TK=100, HQ=4, H=2, DK=32, DV=16, BS=16, S=4, W=0,
              dtype="f32", gates="cs", cu_q=None, cu_k=None, given=False, counts=False,
-             scale=None, file_dtype="float32", int_dtype="int32")
+             scale=None, file_dtype="float32", int_dtype="int32", grad=False, dg=None)
     c.update(kw)
+    if c["dg"] is None:  # the gate gradients asked for: every gate given
+        c["dg"] = c["gates"]
     if c["TQ"] is None:
         c["TQ"] = c["TK"]
     if c["cu_q"] is not None:
@@ -82,6 +86,50 @@ CASES = [
 ]
 
 
+# Forward then backward (--do): T <= 40, D <= 16. Every gradient is checked: dq, dk, dv
+# and dg of each gate in "dg" (default: every gate given).
+GRAD_CASES = [case("grad: " + name, grad=True, **kw) for name, kw in [
+    ("G=1, gates cmp+slc", dict(TK=40, HQ=2, H=2, DK=16, DV=8, BS=8, S=3)),
+    ("G=1, gates cmp+slc, bf16", dict(TK=40, HQ=2, H=2, DK=16, DV=8, BS=8, S=3,
+                                      dtype="bf16")),
+    ("G=3, window 12, all gates, B=2, DK != DV", dict(B=2, TK=36, HQ=6, H=2, DK=12, DV=16,
+                                                      BS=8, S=3, W=12, gates="csw")),
+    ("G=3, window 12, all gates, f16", dict(B=2, TK=36, HQ=6, H=2, DK=12, DV=16, BS=8, S=3,
+                                            W=12, gates="csw", dtype="f16")),
+    ("G=3, window 12, all gates (dg of g_slc only), bf16",
+     dict(B=2, TK=36, HQ=6, H=2, DK=12, DV=16, BS=8, S=3, W=12, gates="csw", dg="s",
+          dtype="bf16")),
+    ("G=16, no gates", dict(TK=33, HQ=16, H=1, DK=8, DV=8, BS=8, S=3, gates="")),
+    ("G=16, gates cmp+slc, f16", dict(TK=33, HQ=16, H=1, DK=8, DV=8, BS=8, S=3, dtype="f16")),
+    ("G=16, window 40 (dense), all gates, bf16", dict(TK=33, HQ=16, H=1, DK=8, DV=8, BS=8,
+                                                       S=2, W=40, gates="csw", dtype="bf16")),
+    ("varlen, window 8, all gates", dict(cu_q=[0, 13, 14, 40], HQ=4, H=2, DK=16, DV=8, BS=8,
+                                         S=3, W=8, gates="csw")),
+    ("varlen, window 8, all gates, f16", dict(cu_q=[0, 13, 14, 40], HQ=4, H=2, DK=16, DV=8,
+                                              BS=8, S=3, W=8, gates="csw", dtype="f16")),
+    ("varlen, G=3, gates cmp+slc, bf16", dict(cu_q=[0, 21, 40], HQ=3, H=1, DK=8, DV=16, BS=4,
+                                              S=4, dtype="bf16")),
+    ("window off, g_swa given (dg_swa = 0)", dict(TK=32, HQ=4, H=2, DK=8, DV=8, BS=8, S=2,
+                                                  gates="csw")),
+    ("window 10, g_swa only, f16", dict(TK=32, HQ=4, H=2, DK=16, DV=8, BS=8, S=2, W=10,
+                                        gates="w", dtype="f16")),
+    ("given block_indices (-1, duplicates, beyond IC)", dict(TK=32, HQ=4, H=2, DK=8, DV=8,
+                                                             BS=4, S=5, given=True)),
+    ("per-token block_counts, scale 0.3", dict(TK=40, HQ=4, H=2, DK=8, DV=8, BS=4, S=4,
+                                               counts=True, scale=0.3)),
+]]
+
+# The NumPy backward against central differences of the NumPy forward (tiny shapes).
+FD_CASES = [
+    case("B=2, G=2, window 4, all gates", B=2, TK=10, HQ=4, H=2, DK=3,
+         DV=2, BS=3, S=2, W=4, gates="csw", grad=True),
+    case("varlen, G=3, g_slc + g_swa with window 0", cu_q=[0, 4, 11], HQ=3, H=1, DK=2, DV=3,
+         BS=2, S=2, gates="sw", grad=True),
+    case("given block_indices, no gates", TK=9, HQ=2, H=1, DK=2, DV=2, BS=2, S=4, gates="",
+         given=True, grad=True),
+]
+
+
 # ---------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------
@@ -94,8 +142,9 @@ def make_inputs(c, rng):
     x["k"] = 0.5 * rng.uniform(-1, 1, (B, TK, H, DK)) + np.repeat(bias, BS, axis=1)[:, :TK]
     x["v"] = rng.uniform(-1, 1, (B, TK, H, DV))
     for g in c["gates"]:
-        x["g_" + {"c": "cmp", "s": "slc", "w": "swa"}[g]] = \
-            1 / (1 + np.exp(-rng.uniform(-3, 3, (B, TQ, HQ))))
+        x["g_" + GATE[g]] = 1 / (1 + np.exp(-rng.uniform(-3, 3, (B, TQ, HQ))))
+    if c["grad"]:
+        x["do"] = rng.uniform(-1, 1, (B, TQ, HQ, DV))
     x = {name: a.astype(np.float32) for name, a in x.items()}
     if c["given"]:
         nb = -(-TK // BS)
@@ -164,6 +213,19 @@ def compare_selection(dev, ref, imp, tol):
     return same, near, problems
 
 
+def check_selection(c, x, idx, ref):
+    """(same, near ties, [problems]) of the block indices the tool wrote."""
+    if idx.shape != ref.block_indices.shape or idx.dtype != np.int32:
+        return 0, 0, [f"block indices {idx.dtype}{idx.shape}, expected "
+                      f"int32{ref.block_indices.shape}"]
+    if c["given"]:
+        same = int(np.prod(idx.shape[:-1]))
+        ok = np.array_equal(idx, x["block_indices"])
+        return same, 0, [] if ok else ["block indices written differ from those given"]
+    same, near, bad = compare_selection(idx, ref.block_indices, ref.importance, TOL[c["dtype"]])
+    return same, near, bad[:5] + ([f"... {len(bad) - 5} more"] if len(bad) > 5 else [])
+
+
 def rel_error(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if not np.all(np.isfinite(a)):
@@ -172,14 +234,55 @@ def rel_error(a, b):
     return float(np.linalg.norm(a - b) / (den if den > 0 else 1.0))
 
 
-def reference(c, seen, block_indices=None):
+def reference_kwargs(c, seen, block_indices=None):
+    """nsa_forward's / nsa_backward's keyword arguments for a case (given block indices
+    override the case's own)."""
     kw = {name: seen[name] for name in ("g_cmp", "g_slc", "g_swa", "block_counts")
           if name in seen}
-    return nsa_forward(seen["q"], seen["k"], seen["v"], block_size=c["BS"], block_count=c["S"],
-                       window=c["W"], scale=c["scale"], cu_seqlens=c["cu_q"],
-                       cu_seqlens_k=c["cu_k"],
-                       block_indices=block_indices if block_indices is not None
-                       else seen.get("block_indices"), **kw)
+    return dict(kw, block_size=c["BS"], block_count=c["S"], window=c["W"], scale=c["scale"],
+                cu_seqlens=c["cu_q"], cu_seqlens_k=c["cu_k"],
+                block_indices=block_indices if block_indices is not None
+                else seen.get("block_indices"))
+
+
+def reference(c, seen, block_indices=None):
+    return nsa_forward(seen["q"], seen["k"], seen["v"],
+                       **reference_kwargs(c, seen, block_indices))
+
+
+def reference_grads(c, seen, block_indices=None):
+    return nsa_backward(seen["q"], seen["k"], seen["v"], seen["do"],
+                        **reference_kwargs(c, seen, block_indices))
+
+
+def grad_names(c):
+    return ["dq", "dk", "dv"] + ["dg_" + GATE[g] for g in c["dg"]]
+
+
+def finite_difference_errors(c, rng, h=1e-5):
+    """Relative error of nsa_backward against central differences of L = sum(do * o) from
+    nsa_forward, for each differentiable input; block indices held at the unperturbed
+    forward's (they are constants of the backward)."""
+    x = make_inputs(c, rng)
+    seen = {name: a.astype(np.float64) if a.dtype.kind == "f" else a for name, a in x.items()}
+    idx = reference(c, seen).block_indices
+    kw = reference_kwargs(c, seen, block_indices=idx)
+    ana = reference_grads(c, seen, block_indices=idx)
+    errors = {}
+    for name in ["q", "k", "v"] + ["g_" + GATE[g] for g in c["gates"]]:
+        a = seen[name]  # perturbed in place: kw holds the same gate arrays
+        num = np.zeros_like(a)
+        for pos in np.ndindex(a.shape):
+            keep = a[pos]
+            loss = []
+            for step in (h, -h):
+                a[pos] = keep + step
+                loss.append(np.sum(seen["do"] * nsa_forward(seen["q"], seen["k"], seen["v"],
+                                                            **kw).o))
+            a[pos] = keep
+            num[pos] = (loss[0] - loss[1]) / (2 * h)
+        errors["d" + name] = rel_error(getattr(ana, "d" + name), num)
+    return errors
 
 
 class Runner:
@@ -201,41 +304,51 @@ class Runner:
             for line in diag.rstrip().splitlines()[-20:]:
                 print("#   " + line)
 
-    def forward_case(self, c, rng):
+    def case(self, c, rng):
+        """Runs the forward (and with c["grad"] the backward) of a case and checks o, the
+        block index sets and each gradient against the NumPy reference."""
         d = tempfile.mkdtemp(dir=self.tmp)
         x = make_inputs(c, rng)
         args, seen = write_inputs(c, x, d)
-        out, out_idx = os.path.join(d, "o.npy"), os.path.join(d, "idx.npy")
-        p, secs = self.run(["run"] + args + ["--out", out, "--out-block-indices", out_idx])
+        outs = ["o"] + (grad_names(c) if c["grad"] else [])
+        paths = {name: os.path.join(d, name + "_out.npy") for name in outs + ["idx"]}
+        for name in outs:
+            args += ["--out" if name == "o" else "--" + name.replace("_", "-"), paths[name]]
+        p, secs = self.run(["run"] + args + ["--out-block-indices", paths["idx"]])
         if p.returncode != 0:
             self.report(c["name"], False, f"exit {p.returncode}",
                         p.stderr + "\ncommand: clnsa run " + " ".join(args))
             return
-        o, idx = np.load(out), np.load(out_idx)
+        idx = np.load(paths["idx"])
         ref = reference(c, seen)
         tol = TOL[c["dtype"]]
-        problems = []
-        if idx.shape != ref.block_indices.shape or idx.dtype != np.int32:
-            problems.append(f"block indices {idx.dtype}{idx.shape}, expected "
-                            f"int32{ref.block_indices.shape}")
-            same = near = 0
-        elif c["given"]:
-            same, near = int(np.prod(idx.shape[:-1])), 0
-            if not np.array_equal(idx, x["block_indices"]):
-                problems.append("block indices written differ from those given")
-        else:
-            same, near, bad = compare_selection(idx, ref.block_indices, ref.importance, tol)
-            problems += bad[:5] + ([f"... {len(bad) - 5} more"] if len(bad) > 5 else [])
-        if near and not problems:  # near ties went the other way: o follows the device
-            ref = reference(c, seen, block_indices=idx)
-        err = rel_error(o, ref.o) if o.shape == ref.o.shape else float("inf")
-        if o.shape != ref.o.shape or o.dtype != np.float32:
-            problems.append(f"o is {o.dtype}{o.shape}, expected float32{ref.o.shape}")
-        if not err < tol:
-            problems.append(f"relative error {err:.3e} >= {tol:.0e}")
-        detail = (f"{c['dtype']} rel err {err:.2e} (tol {tol:.0e}), sets {same} same"
+        same, near, problems = check_selection(c, x, idx, ref)
+        use_idx = idx if near and not problems else None  # near ties follow the device
+        expected = {"o": reference(c, seen, use_idx).o if use_idx is not None else ref.o}
+        if c["grad"]:
+            g = reference_grads(c, seen, use_idx)
+            expected.update((name, getattr(g, name)) for name in grad_names(c))
+        errors = {}
+        for name, want in expected.items():
+            got = np.load(paths[name])
+            errors[name] = rel_error(got, want) if got.shape == want.shape else float("inf")
+            if got.shape != want.shape or got.dtype != np.float32:
+                problems.append(f"{name} is {got.dtype}{got.shape}, expected "
+                                f"float32{want.shape}")
+            if not errors[name] < tol:
+                problems.append(f"{name}: relative error {errors[name]:.3e} >= {tol:.0e}")
+        detail = (f"{c['dtype']} rel err " + ", ".join(f"{n} {e:.2e}" for n, e in errors.items())
+                  + f" (tol {tol:.0e}), sets {same} same"
                   + (f", {near} near ties" if near else "") + f", {secs:.1f} s")
         self.report(c["name"], not problems, detail, "\n".join(problems))
+
+    def finite_difference_case(self, c, rng):
+        t = time.time()
+        errors = finite_difference_errors(c, rng)
+        worst = max(errors.values())
+        self.report("NumPy backward = finite differences: " + c["name"], worst < 1e-6,
+                    "rel err " + ", ".join(f"{n} {e:.1e}" for n, e in errors.items())
+                    + f", {time.time() - t:.1f} s", f"worst {worst:.3e} >= 1e-6")
 
     def error_case(self, name, args, rc, needle):
         p, _ = self.run(args)
@@ -259,7 +372,9 @@ def bad_files(tmp, rng):
     np.save(big, q.astype(">f4"))
     wrong_dk = os.path.join(tmp, "wrong_dk.npy")
     np.save(wrong_dk, q[:, :, :1, :5].copy())
-    return good, kv, truncated, big, wrong_dk
+    short = os.path.join(tmp, "short.npy")  # TQ = 5 < TK = 20; also its do (DV = DK)
+    np.save(short, q[:, :5].copy())
+    return good, kv, truncated, big, wrong_dk, short
 
 
 def main():
@@ -276,7 +391,7 @@ def main():
     rng = np.random.default_rng(seed)
     default = [line for line in devices.stdout.splitlines() if "(default)" in line]
     print("# default device: " + (default[0] if default else "?"))
-    print(f"1..{len(CASES) + 9}", flush=True)
+    print(f"1..{len(CASES) + len(FD_CASES) + len(GRAD_CASES) + 13}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="clnsa-cli-") as tmp:
         r = Runner(tool, tmp)
@@ -286,9 +401,13 @@ def main():
         r.report("clnsa --version", v.returncode == 0 and v.stdout.startswith("clnsa "),
                  v.stdout.strip())
         for c in CASES:
-            r.forward_case(c, rng)
+            r.case(c, rng)
+        for c in FD_CASES:
+            r.finite_difference_case(c, rng)
+        for c in GRAD_CASES:
+            r.case(c, rng)
 
-        good, kv, truncated, big, wrong_dk = bad_files(tmp, rng)
+        good, kv, truncated, big, wrong_dk, short = bad_files(tmp, rng)
         out = os.path.join(tmp, "o.npy")
         base = ["run", "--k", kv, "--v", kv, "--out", out, "--block-size", "4"]
         r.error_case("truncated .npy is rejected", base + ["--q", truncated], 1, "truncated")
@@ -302,6 +421,17 @@ def main():
                      "--dtype")
         r.error_case("gates of the wrong rank are refused", base + ["--q", good, "--g-cmp", kv],
                      1, "expected 3")
+        grads = ["--dq", os.path.join(tmp, "dq.npy"), "--dk", os.path.join(tmp, "dk.npy"),
+                 "--dv", os.path.join(tmp, "dv.npy")]
+        r.error_case("--do with TQ < TK: no backward", base + ["--q", short, "--do", short]
+                     + grads, 1, "clnsa run: backward is undefined")
+        r.error_case("--do without --dq is a usage error", base + ["--q", good, "--do", good]
+                     + grads[2:], 2, "--do needs --dq")
+        r.error_case("--dq without --do is a usage error", base + ["--q", good] + grads, 2,
+                     "--dq needs --do")
+        r.error_case("--dg-cmp without --g-cmp is a usage error", base + ["--q", good, "--do",
+                     good, "--dg-cmp", os.path.join(tmp, "dg.npy")] + grads, 2,
+                     "--dg-cmp needs --g-cmp")
 
     failed = r.results.count(False)
     print(f"{len(r.results) - failed} passed, {failed} failed")

@@ -1,6 +1,8 @@
-/* `clnsa run`: one NSA forward pass on .npy inputs. Reads the arrays, uploads them in
- * the chosen storage type, runs clnsa_forward with a workspace of the size the library
- * asks for, and writes o (and optionally the block indices used) as .npy. */
+/* `clnsa run`: one NSA forward pass on .npy inputs, and optionally its backward. Reads
+ * the arrays, uploads them in the chosen storage type, runs clnsa_forward (then, given
+ * --do, clnsa_backward) with a workspace of the size the library asks for, and writes o,
+ * the gradients and optionally the block indices used as .npy. */
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,7 +36,14 @@ void usage_run(FILE *f) {
           "  --dtype f32|f16|bf16   storage type on the device (f32)\n"
           "  --device SPEC          device index or name part (default: CLNSA_DEVICE, then\n"
           "                         the first GPU, then the first device; see `clnsa devices`)\n"
-          "  --out-block-indices F  write the block indices used [B,TQ,H,S] as int32 .npy\n");
+          "  --out-block-indices F  write the block indices used [B,TQ,H,S] as int32 .npy\n\n"
+          "Backward (given --do, the forward is followed by clnsa_backward; needs TQ = TK):\n"
+          "  --do F                 dL/do [B,TQ,HQ,DV]; needs --dq, --dk and --dv\n"
+          "  --dq F, --dk F, --dv F write dL/dq, dL/dk, dL/dv (shapes of q, k, v; float32)\n"
+          "  --dg-cmp F             write dL/dg_cmp [B,TQ,HQ] (float32; needs --g-cmp)\n"
+          "  --dg-slc F             write dL/dg_slc [B,TQ,HQ] (float32; needs --g-slc)\n"
+          "  --dg-swa F             write dL/dg_swa [B,TQ,HQ] (float32; needs --g-swa)\n"
+          "Gradients are stored in the --dtype storage type; block indices are constants.\n");
 }
 
 /* ------------------------------------------------------------------------- */
@@ -43,6 +52,7 @@ void usage_run(FILE *f) {
 typedef struct run_options {
   const char *q, *k, *v, *out, *g_cmp, *g_slc, *g_swa, *block_indices, *block_counts;
   const char *cu_q, *cu_k, *device, *out_block_indices;
+  const char *d_o, *dq, *dk, *dv, *dg_cmp, *dg_slc, *dg_swa; /* backward */
   int block_size, block_count, window;
   bool block_count_given;
   float scale;
@@ -86,6 +96,34 @@ static bool set_option(const opt_spec *s, const char *value) {
   return true;
 }
 
+/* Prints "clnsa run: <message>" and the usage to stderr; returns the usage exit status. */
+static int usage_error(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fputs(PROG ": ", stderr);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fputs("\n\n", stderr);
+  usage_run(stderr);
+  return CLI_EXIT_USAGE;
+}
+
+/* The backward's options: --do with --dq, --dk, --dv, and a --dg-* only for a gate given. */
+static int check_backward_options(const run_options *o) {
+  const char *grads[] = {o->dq, o->dk, o->dv, o->dg_cmp, o->dg_slc, o->dg_swa};
+  const char *gates[] = {NULL, NULL, NULL, o->g_cmp, o->g_slc, o->g_swa};
+  const char *names[] = {"--dq", "--dk", "--dv", "--dg-cmp", "--dg-slc", "--dg-swa"};
+  for (int i = 0; i < 6; i++) {
+    if (grads[i] && !o->d_o) return usage_error("%s needs --do (the backward's input)", names[i]);
+    if (o->d_o && i < 3 && !grads[i])
+      return usage_error("--do needs --dq, --dk and --dv; %s is missing", names[i]);
+    if (grads[i] && i >= 3 && !gates[i])
+      return usage_error("%s needs --%s: only a gate that is given has a gradient", names[i],
+                         names[i] + 3);
+  }
+  return -1;
+}
+
 /* Returns -1 to go on, else the exit status. */
 static int parse_options(int argc, char **argv, run_options *o) {
   clnsa_params def = clnsa_params_default();
@@ -112,6 +150,13 @@ static int parse_options(int argc, char **argv, run_options *o) {
       {"dtype", OPT_DTYPE, &o->dtype, NULL},
       {"device", OPT_PATH, &o->device, NULL},
       {"out-block-indices", OPT_PATH, &o->out_block_indices, NULL},
+      {"do", OPT_PATH, &o->d_o, NULL},
+      {"dq", OPT_PATH, &o->dq, NULL},
+      {"dk", OPT_PATH, &o->dk, NULL},
+      {"dv", OPT_PATH, &o->dv, NULL},
+      {"dg-cmp", OPT_PATH, &o->dg_cmp, NULL},
+      {"dg-slc", OPT_PATH, &o->dg_slc, NULL},
+      {"dg-swa", OPT_PATH, &o->dg_swa, NULL},
   };
   for (int i = 1; i < argc; i++) {
     const char *arg = argv[i];
@@ -130,17 +175,9 @@ static int parse_options(int argc, char **argv, run_options *o) {
         break;
       }
     }
-    if (!s) {
-      fprintf(stderr, PROG ": unknown option '%s'\n\n", arg);
-      usage_run(stderr);
-      return CLI_EXIT_USAGE;
-    }
+    if (!s) return usage_error("unknown option '%s'", arg);
     if (!value) {
-      if (i + 1 >= argc) {
-        fprintf(stderr, PROG ": option --%s needs a value\n\n", s->name);
-        usage_run(stderr);
-        return CLI_EXIT_USAGE;
-      }
+      if (i + 1 >= argc) return usage_error("option --%s needs a value", s->name);
       value = argv[++i];
     }
     if (!set_option(s, value)) return CLI_EXIT_USAGE;
@@ -148,17 +185,9 @@ static int parse_options(int argc, char **argv, run_options *o) {
   const char *required[] = {o->q, o->k, o->v, o->out};
   const char *names[] = {"--q", "--k", "--v", "--out"};
   for (int i = 0; i < 4; i++)
-    if (!required[i]) {
-      fprintf(stderr, PROG ": missing %s\n\n", names[i]);
-      usage_run(stderr);
-      return CLI_EXIT_USAGE;
-    }
-  if (o->cu_k && !o->cu_q) {
-    fprintf(stderr, PROG ": --cu-seqlens-k needs --cu-seqlens\n\n");
-    usage_run(stderr);
-    return CLI_EXIT_USAGE;
-  }
-  return -1;
+    if (!required[i]) return usage_error("missing %s", names[i]);
+  if (o->cu_k && !o->cu_q) return usage_error("--cu-seqlens-k needs --cu-seqlens");
+  return check_backward_options(o);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -222,25 +251,34 @@ static void input_free(input *in) {
 /* ------------------------------------------------------------------------- */
 /* The pass                                                                    */
 /* ------------------------------------------------------------------------- */
-enum { IN_Q, IN_K, IN_V, IN_GCMP, IN_GSLC, IN_GSWA, IN_IDX, IN_CNT, IN_CUQ, IN_CUK, NIN };
+enum { IN_Q, IN_K, IN_V, IN_GCMP, IN_GSLC, IN_GSWA, IN_IDX, IN_CNT, IN_CUQ, IN_CUK, IN_DO, NIN };
+
+/* Floating outputs, allocated in the storage type and written as float32 .npy. */
+enum { OUT_O, OUT_DQ, OUT_DK, OUT_DV, OUT_DGCMP, OUT_DGSLC, OUT_DGSWA, NOUT };
+
+typedef struct output {
+  const char *path, *option;
+  clnsa_tensor t; /* t.buffer is NULL when the output was not asked for */
+} output;
 
 typedef struct run_state {
   input in[NIN];
   bool present[NIN];
+  output out[NOUT];
   clnsa_context *ctx;
   clnsa_seqs *seqs;
-  cl_mem o_buf, ws_buf;
+  cl_mem ws_buf;
   clnsa_workspace *ws;
-  float *o_host;
   int32_t *idx_host;
 } run_state;
 
 static void state_free(run_state *s) {
-  free(s->o_host);
+  if (s->ctx) clFinish(clnsa_context_queue(s->ctx)); /* a failed pass may leave work queued */
   free(s->idx_host);
   clnsa_workspace_destroy(s->ws);
   if (s->ws_buf) clReleaseMemObject(s->ws_buf);
-  if (s->o_buf) clReleaseMemObject(s->o_buf);
+  for (int i = 0; i < NOUT; i++)
+    if (s->out[i].t.buffer) clReleaseMemObject(s->out[i].t.buffer);
   clnsa_seqs_destroy(s->seqs);
   for (int i = 0; i < NIN; i++) input_free(&s->in[i]);
   clnsa_context_destroy(s->ctx);
@@ -262,6 +300,7 @@ static bool load_all(const run_options *o, run_state *s) {
       [IN_CNT] = {o->block_counts, "--block-counts", "[B,TQ,H]", 3, true},
       [IN_CUQ] = {o->cu_q, "--cu-seqlens", "[N+1]", 1, true},
       [IN_CUK] = {o->cu_k, "--cu-seqlens-k", "[N+1]", 1, true},
+      [IN_DO] = {o->d_o, "--do", "[B,TQ,HQ,DV]", 4, false},
   };
   for (int i = 0; i < NIN; i++) {
     if (!files[i].path) continue;
@@ -305,27 +344,136 @@ static bool block_count(const run_options *o, const run_state *s, int *S) {
   return true;
 }
 
-static int finish(const run_options *o, run_state *s, const clnsa_tensor *o_t) {
-  size_t n = cli_tensor_count(o_t);
-  char err[512];
-  if (!(s->o_host = malloc(n ? n * sizeof(float) : 1)) ||
-      !cli_download(PROG, s->ctx, o_t, s->o_host))
-    return CLI_EXIT_FAIL;
-  if (npy_write_file(o->out, NPY_F32, 4, o_t->shape, s->o_host, err, sizeof err) != 0) {
-    fprintf(stderr, PROG ": --out %s: %s\n", o->out, err);
+static bool make_params(const run_options *o, const run_state *s, clnsa_params *params) {
+  *params = clnsa_params_default();
+  params->block_size = o->block_size;
+  params->window = o->window;
+  params->scale = o->scale;
+  return block_count(o, s, &params->block_count);
+}
+
+/* Uploads every array but the offsets, which clnsa_seqs_create takes from the host. */
+static bool upload_all(const run_options *o, const clnsa_params *params, run_state *s) {
+  for (int i = 0; i < NIN; i++)
+    if (s->present[i] && i != IN_CUQ && i != IN_CUK && !upload(s->ctx, o->dtype, &s->in[i]))
+      return false;
+  if (!s->present[IN_CUQ]) return true;
+  const input *cu = &s->in[IN_CUQ];
+  clnsa_status st = clnsa_seqs_create(s->ctx, params, (int)(cu->shape[0] - 1), cu->i,
+                                      s->present[IN_CUK] ? s->in[IN_CUK].i : NULL, &s->seqs);
+  if (st != CLNSA_SUCCESS) cli_report(PROG, s->ctx, st);
+  return st == CLNSA_SUCCESS;
+}
+
+/* o [B,TQ,HQ,DV]; each gradient has the shape of what it differentiates. */
+static bool alloc_outputs(const run_options *o, run_state *s) {
+  const int64_t *qs = s->in[IN_Q].shape, *vs = s->in[IN_V].shape;
+  const int64_t o_shape[4] = {qs[0], qs[1], qs[2], vs[3]};
+  const struct {
+    const char *path, *option;
+    int like; /* the input whose shape it has; -1 for o */
+  } spec[NOUT] = {
+      [OUT_O] = {o->out, "--out", -1},
+      [OUT_DQ] = {o->dq, "--dq", IN_Q},
+      [OUT_DK] = {o->dk, "--dk", IN_K},
+      [OUT_DV] = {o->dv, "--dv", IN_V},
+      [OUT_DGCMP] = {o->dg_cmp, "--dg-cmp", IN_GCMP},
+      [OUT_DGSLC] = {o->dg_slc, "--dg-slc", IN_GSLC},
+      [OUT_DGSWA] = {o->dg_swa, "--dg-swa", IN_GSWA},
+  };
+  for (int i = 0; i < NOUT; i++) {
+    if (!spec[i].path) continue;
+    const input *like = spec[i].like >= 0 ? &s->in[spec[i].like] : NULL;
+    clnsa_tensor t =
+        clnsa_tensor_make(NULL, 0, o->dtype, like ? like->ndim : 4, like ? like->shape : o_shape);
+    if (!(t.buffer = cli_alloc(PROG, s->ctx, cli_tensor_count(&t) * clnsa_dtype_size(o->dtype))))
+      return false;
+    s->out[i] = (output){spec[i].path, spec[i].option, t};
+  }
+  return true;
+}
+
+static clnsa_inputs inputs_of(const run_state *s) {
+  const clnsa_tensor *t[NIN];
+  for (int i = 0; i < NIN; i++) t[i] = s->present[i] ? &s->in[i].t : NULL;
+  return (clnsa_inputs){.q = t[IN_Q],
+                        .k = t[IN_K],
+                        .v = t[IN_V],
+                        .g_cmp = t[IN_GCMP],
+                        .g_slc = t[IN_GSLC],
+                        .g_swa = t[IN_GSWA],
+                        .block_indices = t[IN_IDX],
+                        .block_counts = t[IN_CNT],
+                        .seqs = s->seqs};
+}
+
+static const clnsa_tensor *output_or_null(const output *out) {
+  return out->t.buffer ? &out->t : NULL;
+}
+
+/* The forward, then (given --do) the backward, on a workspace sized for what runs. */
+static int passes(const run_options *o, run_state *s, const clnsa_params *params,
+                  const clnsa_inputs *in) {
+  size_t bytes = 0;
+  clnsa_status st = o->d_o ? clnsa_backward_workspace_size(s->ctx, params, in, &bytes)
+                           : clnsa_forward_workspace_size(s->ctx, params, in, &bytes);
+  if (st == CLNSA_SUCCESS) {
+    if (!(s->ws_buf = cli_alloc(PROG, s->ctx, bytes))) return CLI_EXIT_FAIL;
+    st = clnsa_workspace_create(s->ctx, s->ws_buf, 0, bytes, &s->ws);
+  }
+  if (st == CLNSA_SUCCESS)
+    st = clnsa_forward(s->ctx, params, in, &s->out[OUT_O].t, s->ws, 0, NULL, NULL);
+  if (st == CLNSA_SUCCESS && o->d_o) {
+    const output *g = s->out;
+    clnsa_grads grads = {output_or_null(&g[OUT_DQ]),    output_or_null(&g[OUT_DK]),
+                         output_or_null(&g[OUT_DV]),    output_or_null(&g[OUT_DGCMP]),
+                         output_or_null(&g[OUT_DGSLC]), output_or_null(&g[OUT_DGSWA])};
+    st = clnsa_backward(s->ctx, params, in, &s->in[IN_DO].t, &grads, s->ws, 0, NULL, NULL);
+  }
+  if (st != CLNSA_SUCCESS) {
+    cli_report(PROG, s->ctx, st);
     return CLI_EXIT_FAIL;
   }
+  cl_int err = clFinish(clnsa_context_queue(s->ctx));
+  if (err != CL_SUCCESS) {
+    fprintf(stderr, PROG ": %s: clFinish returned %d\n", clnsa_status_string(CLNSA_ERR_OPENCL),
+            (int)err);
+    return CLI_EXIT_FAIL;
+  }
+  return 0;
+}
+
+/* Downloads a floating output and writes it as float32 .npy. */
+static bool write_output(run_state *s, const output *out) {
+  size_t n = cli_tensor_count(&out->t);
+  float *host = malloc(n ? n * sizeof(float) : 1);
+  char err[512];
+  bool ok = host && cli_download(PROG, s->ctx, &out->t, host);
+  if (!host) fprintf(stderr, PROG ": %s\n", clnsa_status_string(CLNSA_ERR_OUT_OF_HOST_MEMORY));
+  if (ok &&
+      npy_write_file(out->path, NPY_F32, out->t.ndim, out->t.shape, host, err, sizeof err) != 0) {
+    fprintf(stderr, PROG ": %s %s: %s\n", out->option, out->path, err);
+    ok = false;
+  }
+  free(host);
+  return ok;
+}
+
+static int finish(const run_options *o, run_state *s) {
+  for (int i = 0; i < NOUT; i++)
+    if (s->out[i].t.buffer && !write_output(s, &s->out[i])) return CLI_EXIT_FAIL;
   if (!o->out_block_indices) return 0;
   /* Given indices are used as given (the workspace keeps no copy); else top-k's. */
   const input *given = s->present[IN_IDX] ? &s->in[IN_IDX] : NULL;
   clnsa_tensor idx = given ? given->t : (clnsa_tensor){0};
+  char err[512];
   if (!given) {
     clnsa_status st = clnsa_forward_block_indices(s->ws, &idx);
     if (st != CLNSA_SUCCESS) {
       cli_report(PROG, s->ctx, st);
       return CLI_EXIT_FAIL;
     }
-    n = cli_tensor_count(&idx);
+    size_t n = cli_tensor_count(&idx);
     if (!(s->idx_host = malloc(n ? n * sizeof(int32_t) : 1)) ||
         !cli_download(PROG, s->ctx, &idx, s->idx_host))
       return CLI_EXIT_FAIL;
@@ -339,65 +487,13 @@ static int finish(const run_options *o, run_state *s, const clnsa_tensor *o_t) {
 }
 
 static int run(const run_options *o, run_state *s) {
-  if (!load_all(o, s)) return CLI_EXIT_FAIL;
-  clnsa_params params = clnsa_params_default();
-  params.block_size = o->block_size;
-  params.window = o->window;
-  params.scale = o->scale;
-  if (!block_count(o, s, &params.block_count)) return CLI_EXIT_FAIL;
-
+  clnsa_params params;
+  if (!load_all(o, s) || !make_params(o, s, &params)) return CLI_EXIT_FAIL;
   if (!(s->ctx = cli_open_context(PROG, o->device))) return CLI_EXIT_FAIL;
-  for (int i = 0; i < NIN; i++)
-    if (s->present[i] && i != IN_CUQ && i != IN_CUK && !upload(s->ctx, o->dtype, &s->in[i]))
-      return CLI_EXIT_FAIL;
-  clnsa_status st = CLNSA_SUCCESS;
-  if (s->present[IN_CUQ]) {
-    const input *cu = &s->in[IN_CUQ];
-    st = clnsa_seqs_create(s->ctx, &params, (int)(cu->shape[0] - 1), cu->i,
-                           s->present[IN_CUK] ? s->in[IN_CUK].i : NULL, &s->seqs);
-    if (st != CLNSA_SUCCESS) {
-      cli_report(PROG, s->ctx, st);
-      return CLI_EXIT_FAIL;
-    }
-  }
-  const clnsa_tensor *t[NIN];
-  for (int i = 0; i < NIN; i++) t[i] = s->present[i] ? &s->in[i].t : NULL;
-  clnsa_inputs in = {.q = t[IN_Q],
-                     .k = t[IN_K],
-                     .v = t[IN_V],
-                     .g_cmp = t[IN_GCMP],
-                     .g_slc = t[IN_GSLC],
-                     .g_swa = t[IN_GSWA],
-                     .block_indices = t[IN_IDX],
-                     .block_counts = t[IN_CNT],
-                     .seqs = s->seqs};
-
-  /* o [B,TQ,HQ,DV] in the storage type of the inputs. */
-  const int64_t *qs = s->in[IN_Q].shape, *vs = s->in[IN_V].shape;
-  int64_t o_shape[4] = {qs[0], qs[1], qs[2], vs[3]};
-  size_t o_count = (size_t)(o_shape[0] * o_shape[1] * o_shape[2] * o_shape[3]);
-  if (!(s->o_buf = cli_alloc(PROG, s->ctx, o_count * clnsa_dtype_size(o->dtype))))
-    return CLI_EXIT_FAIL;
-  clnsa_tensor o_t = clnsa_tensor_make(s->o_buf, 0, o->dtype, 4, o_shape);
-
-  size_t ws_bytes = 0;
-  st = clnsa_forward_workspace_size(s->ctx, &params, &in, &ws_bytes);
-  if (st == CLNSA_SUCCESS) {
-    if (!(s->ws_buf = cli_alloc(PROG, s->ctx, ws_bytes))) return CLI_EXIT_FAIL;
-    st = clnsa_workspace_create(s->ctx, s->ws_buf, 0, ws_bytes, &s->ws);
-  }
-  if (st == CLNSA_SUCCESS) st = clnsa_forward(s->ctx, &params, &in, &o_t, s->ws, 0, NULL, NULL);
-  if (st != CLNSA_SUCCESS) {
-    cli_report(PROG, s->ctx, st);
-    return CLI_EXIT_FAIL;
-  }
-  cl_int err = clFinish(clnsa_context_queue(s->ctx));
-  if (err != CL_SUCCESS) {
-    fprintf(stderr, PROG ": %s: clFinish returned %d\n", clnsa_status_string(CLNSA_ERR_OPENCL),
-            (int)err);
-    return CLI_EXIT_FAIL;
-  }
-  return finish(o, s, &o_t);
+  if (!upload_all(o, &params, s) || !alloc_outputs(o, s)) return CLI_EXIT_FAIL;
+  clnsa_inputs in = inputs_of(s);
+  int rc = passes(o, s, &params, &in);
+  return rc ? rc : finish(o, s);
 }
 
 int cmd_run(int argc, char **argv) {
