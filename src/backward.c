@@ -232,30 +232,19 @@ typedef struct bwd_plan {
   cl_kernel gates, mask, chunks, scan, dq[3], dkdv[3], reduce, fin_q, fin_kv;
 } bwd_plan;
 
-static clnsa_tensor ws_view(const clnsa_workspace *ws, size_t byte_off, clnsa_dtype dt, int ndim,
-                            const int64_t *shape) {
-  return clnsa_tensor_make(ws->buffer, (ws->offset + byte_off) / 4, dt, ndim, shape);
-}
-
 static void plan_views(bwd_plan *p, const clnsa_workspace *ws) {
-  const nsa_dims *d = p->d;
   const ws_layout *l = &ws->last.layout;
-  int64_t skc[4], svc[4], so[4], sr[3], si[4];
-  dims_shape_kcmp(d, skc);
-  dims_shape_vcmp(d, svc);
-  dims_shape_o(d, so);
-  dims_shape_rows(d, sr);
-  dims_shape_idx(d, si);
-  p->idx = p->in->block_indices ? *p->in->block_indices
-                                : ws_view(ws, l->block_indices, CLNSA_I32, 4, si);
-  p->k_cmp = ws_view(ws, l->k_cmp, CLNSA_F32, 4, skc);
-  p->v_cmp = ws_view(ws, l->v_cmp, CLNSA_F32, 4, svc);
-  p->o[BRANCH_SLC] = ws_view(ws, l->o_slc, CLNSA_F32, 4, so);
-  p->o[BRANCH_CMP] = ws_view(ws, l->o_cmp, CLNSA_F32, 4, so);
-  p->o[BRANCH_SWA] = ws_view(ws, l->o_swa, CLNSA_F32, 4, so);
-  p->lse[BRANCH_SLC] = ws_view(ws, l->lse_slc, CLNSA_F32, 3, sr);
-  p->lse[BRANCH_CMP] = ws_view(ws, l->lse_cmp, CLNSA_F32, 3, sr);
-  p->lse[BRANCH_SWA] = ws_view(ws, l->lse_swa, CLNSA_F32, 3, sr);
+  ws_views v;
+  workspace_views(ws, p->d, l, &v);
+  p->idx = p->in->block_indices ? *p->in->block_indices : v.idx;
+  p->k_cmp = v.k_cmp;
+  p->v_cmp = v.v_cmp;
+  p->o[BRANCH_SLC] = v.o_slc;
+  p->o[BRANCH_CMP] = v.o_cmp;
+  p->o[BRANCH_SWA] = v.o_swa;
+  p->lse[BRANCH_SLC] = v.lse_slc;
+  p->lse[BRANCH_CMP] = v.lse_cmp;
+  p->lse[BRANCH_SWA] = v.lse_swa;
   p->buf = ws->buffer;
   p->base = (cl_long)((ws->offset + l->scratch) / 4);
 }

@@ -228,6 +228,13 @@ struct clnsa_workspace {
   } last;
 };
 
+/* nsa.c: the workspace regions as tensors (f32 except the i32 indices). */
+typedef struct ws_views {
+  clnsa_tensor k_cmp, v_cmp, o_cmp, lse_cmp, idx, o_slc, lse_slc, o_swa, lse_swa;
+} ws_views;
+void workspace_views(const clnsa_workspace *ws, const nsa_dims *d, const ws_layout *l,
+                     ws_views *v);
+
 /* backward.c: bytes of scratch the backward needs after the forward's regions. */
 size_t backward_scratch_bytes(const nsa_dims *d);
 

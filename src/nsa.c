@@ -175,12 +175,8 @@ clnsa_status clnsa_forward_block_indices(const clnsa_workspace *ws, clnsa_tensor
 }
 
 /* ---- the pass ---- */
-typedef struct fwd_views {
-  clnsa_tensor k_cmp, v_cmp, o_cmp, lse_cmp, idx, o_slc, lse_slc, o_swa, lse_swa;
-} fwd_views;
-
-static void make_views(const clnsa_workspace *ws, const nsa_dims *d, const ws_layout *l,
-                       fwd_views *v) {
+void workspace_views(const clnsa_workspace *ws, const nsa_dims *d, const ws_layout *l,
+                     ws_views *v) {
   int64_t skc[4], svc[4], so[4], sr[3], si[4];
   dims_shape_kcmp(d, skc);
   dims_shape_vcmp(d, svc);
@@ -206,7 +202,7 @@ typedef struct combine_launch {
 } combine_launch;
 
 static clnsa_status combine_prepare(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
-                                    bool window, const clnsa_tensor *o, const fwd_views *v,
+                                    bool window, const clnsa_tensor *o, const ws_views *v,
                                     combine_launch *cl) {
   const int threads = (ctx->info.type & CL_DEVICE_TYPE_CPU) ? 64 : 128;
   int wg = threads;
@@ -249,7 +245,7 @@ static clnsa_status combine_prepare(clnsa_context *ctx, const nsa_dims *d, const
 }
 
 static clnsa_status forward_stages(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
-                                   bool compressed, bool window, const fwd_views *v,
+                                   bool compressed, bool window, const ws_views *v,
                                    const combine_launch *comb, enqueue_chain *c) {
   if (compressed) {
     CHECK_STATUS(pool_enqueue(ctx, d, in->k, in->v, &v->k_cmp, &v->v_cmp, c));
@@ -291,8 +287,8 @@ clnsa_status clnsa_forward(clnsa_context *ctx, const clnsa_params *params, const
                       "(clnsa_forward_workspace_size)",
                       ws->bytes, l.end);
 
-  fwd_views v;
-  make_views(ws, &d, &l, &v);
+  ws_views v;
+  workspace_views(ws, &d, &l, &v);
   combine_launch comb;
   CHECK_STATUS(combine_prepare(ctx, &d, in, window, o, &v, &comb));
 
