@@ -8,9 +8,13 @@
  *  - MODE 0/1: ROWS consecutive rows of one sequence (a batch element or a packed
  *    sequence). The group walks the union of its rows' key ranges; each row is masked
  *    to its own range.
- *  - MODE 2: the G heads of one token (in chunks of ROWS when G > ROWS). Its valid
- *    listed blocks are deduplicated and sorted in local memory, and their tokens are
- *    numbered 0, 1, ... (BS per block; the own block, always last, is cut at p).
+ *  - MODE 2, TPG == 1: the G heads of one token (in chunks of ROWS when G > ROWS). Its
+ *    valid listed blocks are deduplicated and sorted in local memory, and their tokens
+ *    are numbered 0, 1, ... (BS per block; the own block, always last, is cut at p).
+ *  - MODE 2, TPG > 1 (G < ROWS): TPG consecutive tokens of one sequence, rows token*G + g.
+ *    The group walks the sorted union of the tokens' valid blocks (at most UCAP = TPG*S);
+ *    msk[slot] has bit u set when block list[slot] is in token u's list, and row r sees
+ *    key index kidx when its token's bit is set and the key's position is <= its p.
  * Key index: the compressed block c (MODE 0), the token j (MODE 1), or that running
  * number (MODE 2). Row r sees the key indices [rlo[r], rhi[r]).
  *
@@ -52,6 +56,12 @@
 #ifndef DW
 #define DW 32
 #endif
+#ifndef TPG
+#define TPG 1 /* MODE 2: query tokens per group (G < ROWS), TPG * G <= ROWS, TPG <= 32 */
+#endif
+#ifndef UCAP
+#define UCAP 128 /* MODE 2, TPG > 1: capacity of the block union, TPG * S */
+#endif
 #ifndef HAS_LSE
 #define HAS_LSE 1
 #endif
@@ -81,6 +91,10 @@
 
 #if ROWS > WG || KW > KT || KW > WG || DW > WG || WG % ROWS || WG % KW || KT % KW || WG % DW
 #error "attend.cl: ROWS, KT, WG, KW, DW must be powers of two with ROWS, KW, DW <= WG, KW <= KT"
+#endif
+
+#if TPG < 1 || TPG > 32 || (TPG > 1 && MODE != 2)
+#error "attend.cl: TPG must be 1 .. 32, and > 1 only in MODE 2"
 #endif
 
 #define QLD (DK + 1) /* row stride of the q and k tiles: +1 avoids bank conflicts */
@@ -239,6 +253,85 @@ inline void setup_selected(__global const int *cu, int nseq, int B, int TQ, int 
   }
 }
 
+#if MODE == 2 && TPG > 1
+/* MODE 2, TPG > 1: the sorted distinct valid blocks of the lists of ntok tokens (token u
+ * at row tok0 + u of bi, position p0 + u) into list[], and into msk[] which tokens list
+ * each; returns their number. cand[] and tmpm[] (UCAP each) are scratch. Contains
+ * barriers: call from every item. */
+inline int union_blocks(CITENSOR(bi), int b, int tok0, int ntok, int p0, int h, int S,
+                        __local int *list, __local uint *msk, __local int *cand,
+                        __local uint *tmpm) {
+  const int lid = get_local_id(0), nc = ntok * S;
+  for (int i = lid; i < nc; i += WG) {
+    const int u = i / S, c = bi[TIDX(bi, b, tok0 + u, h) + (i - u * S)];
+    cand[i] = c >= 0 && c <= (p0 + u) / BS ? c : -1;
+  }
+  LBARRIER();
+  for (int i = lid; i < nc; i += WG) { /* first occurrence of each block: all its tokens */
+    const int c = cand[i];
+    uint m = 0u;
+    bool first = true;
+    for (int u = 0; u < ntok; u++) {
+      const uint bit = 1u << u;
+      for (int j = u * S; j < u * S + S; j++) {
+        const int cj = cand[j];
+        if (cj == c) {
+          m |= bit;
+          if (j < i) first = false;
+        }
+      }
+    }
+    tmpm[i] = c >= 0 && first ? m : 0u;
+  }
+  LBARRIER();
+  int n = 0;
+  for (int j = 0; j < nc; j++) n += tmpm[j] != 0u;
+  for (int i = lid; i < nc; i += WG) { /* rank = number of smaller kept blocks */
+    const uint m = tmpm[i];
+    if (m == 0u) continue;
+    const int c = cand[i];
+    int rank = 0;
+    for (int j = 0; j < nc; j++) rank += tmpm[j] != 0u && cand[j] < c;
+    list[rank] = c;
+    msk[rank] = m;
+  }
+  LBARRIER();
+  return n;
+}
+
+/* MODE 2, TPG > 1: the first token of the group's tile (group id % tiles) of TPG tokens
+ * of sequence (group id / tiles); >= sq->tq when the tile lies past the sequence. */
+inline int selected_tile(__global const int *cu, int nseq, int TQ, int TK, int tiles,
+                         attend_seq *sq) {
+  const int s = get_group_id(0) / tiles;
+  *sq = locate_seq(cu, nseq, TQ, TK, s);
+  return (get_group_id(0) - s * tiles) * TPG;
+}
+
+/* MODE 2, TPG > 1: tokens t0 .. of sequence sq (none when t0 >= sq.tq: the group then
+ * runs with idle rows and no keys: an early return before the barriers gave wrong,
+ * run-to-run varying results on PoCL 3.1, correct ones under Oclgrind). Rows keep their token's index in the group in lo, position + 1 in hi. */
+inline void setup_selected_multi(attend_seq sq, int t0, int G, int h, CITENSOR(bi), int S,
+                                 attend_group *grp, attend_rows rows, __local int *list,
+                                 __local uint *msk, __local int *cand, __local uint *tmpm) {
+  const int ntok = clamp(sq.tq - t0, 0, TPG), p0 = t0 + sq.tk - sq.tq;
+  const int n = union_blocks(TPASS(bi), sq.b, sq.q0 + t0, ntok, p0, h, S, list, msk, cand, tmpm);
+  const int plast = p0 + ntok - 1;
+  grp->b = sq.b;
+  grp->krow0 = sq.kstart;
+  grp->lo = 0;
+  grp->hi = n == 0 ? 0 : (n - 1) * BS + min(BS, plast + 1 - list[n - 1] * BS);
+  for (int r = get_local_id(0); r < ROWS; r += WG) {
+    const int u = r / G;
+    const bool ok = u < ntok;
+    rows.tok[r] = ok ? sq.q0 + t0 + u : -1;
+    rows.hq[r] = h * G + r - u * G;
+    rows.lo[r] = ok ? u : 0;
+    rows.hi[r] = ok ? p0 + u + 1 : 0;
+  }
+}
+#endif
+
 /* ------------------------------------------------------------------ tiles */
 
 /* Row of k/v (or k_cmp/v_cmp) holding key index kidx. */
@@ -381,7 +474,11 @@ inline void load_v(CTENSOR(V_DT, v), attend_group grp, int h, int k0, __local co
 /* ps[r][j] = q_r . k_j, or -inf outside row r's range; red[r][kg] = max over the item's
  * keys of row r. */
 inline void tile_scores(__local const float *qs, __local const float *ks, int k0, attend_rows rows,
+                        __local const int *list, __local const uint *msk, int ghi,
                         __local float *ps, __local float *red) {
+#if !(MODE == 2 && TPG > 1)
+  (void)list, (void)msk, (void)ghi;
+#endif
   const int lid = get_local_id(0), kg = lid % KW, rg = lid / KW;
   float s[RA][KA];
   int qb[RA];
@@ -411,7 +508,15 @@ inline void tile_scores(__local const float *qs, __local const float *ks, int k0
 #pragma unroll
     for (int a = 0; a < KA; a++) {
       const int j = kg + KW * a, kidx = k0 + j;
+#if MODE == 2 && TPG > 1
+      /* lo: the row's token in the group; hi: its position + 1 */
+      const int slot = min(kidx, ghi - 1) / BS;
+      const bool in = kidx < ghi && ((msk[slot] >> lo) & 1u) != 0u &&
+                      list[slot] * BS + (kidx - slot * BS) < hi;
+      const float x = in ? s[m][a] : -INFINITY;
+#else
       const float x = kidx >= lo && kidx < hi ? s[m][a] : -INFINITY;
+#endif
       ps[r * PLD + j] = x;
       mx = fmax(mx, x);
     }
@@ -506,7 +611,8 @@ inline void write_out(TENSOR(O_DT, o), TENSOR(0, lse), int b, attend_rows rows,
 /* ------------------------------------------------------------------ kernel */
 
 /* Grid: (groups * WG, H). MODE 0/1: groups = sequences * tiles, tiles = row tiles of the
- * longest sequence. MODE 2: groups = B*TQ * tiles, tiles = ceil(G / ROWS).
+ * longest sequence. MODE 2, TPG == 1: groups = B*TQ * tiles, tiles = ceil(G / ROWS);
+ * TPG > 1: groups = sequences * tiles, tiles = ceil(tokens of the longest sequence / TPG).
  * bi is read in MODE 2 only; lse is written when HAS_LSE. scale is the softmax scale,
  * W the window (MODE 1), S the width of bi (MODE 2). */
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_fwd(
@@ -515,15 +621,32 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_fwd(
   __local float qs[ROWS * QLD], kv[KT * KVLD], ps[ROWS * PLD], red[ROWS * KW];
   __local float rm[ROWS], rmn[ROWS], rl[ROWS], ralpha[ROWS];
   __local int rtok[ROWS], rhq[ROWS], rlo[ROWS], rhi[ROWS];
-#if MODE == 2
+#if MODE == 2 && TPG > 1
+  __local int list[UCAP];
+  __local uint msk[UCAP];
+#if 2 * UCAP <= KT * KVLD /* the union's scratch lives in the K/V tile until the loop */
+  __local int *cand = (__local int *)kv;
+  __local uint *tmpm = (__local uint *)(kv + UCAP);
+#else
+  __local int cand[UCAP];
+  __local uint tmpm[UCAP];
+#endif
+#elif MODE == 2
   __local int list[MAX_S], tmp[MAX_S];
+  __local uint msk[1];
 #else
   __local int list[1];
+  __local uint msk[1];
 #endif
   const attend_rows rows = {rtok, rhq, rlo, rhi};
   const int h = get_group_id(1), G = HQ / H, lid = get_local_id(0);
   attend_group grp;
-#if MODE == 2
+#if MODE == 2 && TPG > 1
+  (void)W, (void)B;
+  attend_seq sq; /* no early return past the sequence: idle groups run with no tokens */
+  const int t0 = selected_tile(cu, nseq, TQ, TK, tiles, &sq);
+  setup_selected_multi(sq, t0, G, h, TPASS(bi), S, &grp, rows, list, msk, cand, tmpm);
+#elif MODE == 2
   (void)W;
   setup_selected(cu, nseq, B, TQ, TK, G, h, tiles, TPASS(bi), S, &grp, rows, list, tmp);
 #else
@@ -558,7 +681,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_fwd(
     load_k(TPASS(k), grp, h, k0, list, kv);
 #endif
     LBARRIER();
-    tile_scores(qs, kv, k0, rows, ps, red);
+    tile_scores(qs, kv, k0, rows, list, msk, grp.hi, ps, red);
     LBARRIER();
     tile_softmax(ps, red, rm, rmn, ralpha);
 #if PREFETCH

@@ -12,6 +12,7 @@ enum { MODE_COMPRESSED = 0, MODE_WINDOW = 1, MODE_SELECTED = 2 };
 /* Tunables of attend_fwd (see the thread layouts at the top of cl/attend.cl). */
 typedef struct attend_config {
   int rows, kt, wg, kw, dw;
+  int tpg, ucap; /* selected branch: query tokens per group, capacity of their block union */
 } attend_config;
 
 static int pow2_floor(long x) {
@@ -39,7 +40,13 @@ static size_t attend_local_bytes(int mode, int dk, int dv, const attend_config *
   size_t kvld = (size_t)(dk + 1 > dv ? dk + 1 : dv);
   size_t floats = (size_t)c->rows * (dk + 1) + (size_t)c->kt * kvld +
                   (size_t)c->rows * (c->kt + 1) + (size_t)c->rows * c->kw + 4 * (size_t)c->rows;
-  size_t ints = 4 * (size_t)c->rows + (mode == MODE_SELECTED ? 2 * CLNSA_MAX_BLOCK_COUNT : 1);
+  size_t ints = 4 * (size_t)c->rows + 1;
+  if (mode == MODE_SELECTED && c->tpg > 1) {
+    ints += 2 * (size_t)c->ucap; /* list, msk */
+    if (2 * (size_t)c->ucap > (size_t)c->kt * kvld) ints += 2 * (size_t)c->ucap; /* scratch */
+  } else if (mode == MODE_SELECTED) {
+    ints += 2 * CLNSA_MAX_BLOCK_COUNT;
+  }
   return 4 * (floats + ints);
 }
 
@@ -67,18 +74,44 @@ static bool attend_valid(const attend_config *c) {
  * H200 (D=128, bf16) 32 rows ran the compressed and window branches 25% faster than 16. */
 #define ATTEND_ROWS 32
 
+/* Selected branch: the union of TPG tokens' block lists is built with O((TPG*S)^2) local
+ * comparisons per group; past this many entries the setup would rival the attention. */
+#define ATTEND_UNION_MAX 512
+
+/* Selected branch with G <= rows / 4: TPG = rows / G tokens per group (at most 32, the bits of
+ * a membership mask, and at most ATTEND_UNION_MAX / S), then rows cut to the power of two
+ * that holds TPG * G. With TPG = 1 a group owns the G heads of one token (rows chunks). */
+static void attend_tokens(attend_config *c, const nsa_dims *d, bool keep_rows) {
+  c->tpg = 1;
+  c->ucap = 0;
+  /* Pack only where at least 4 tokens fit: the one-token layout is what was measured on
+   * NVIDIA at G >= 16 (docs/PERFORMANCE.md); packing there is unmeasured. */
+  if (d->G * 4 > c->rows) {
+    if (!keep_rows && pow2_ceil(d->G) < c->rows) c->rows = pow2_ceil(d->G);
+    return;
+  }
+  int tpg = c->rows / d->G, cap = ATTEND_UNION_MAX / (d->S > 0 ? d->S : 1);
+  if (tpg > 32) tpg = 32;
+  if (tpg > cap) tpg = cap;
+  if (tpg < 1) tpg = 1;
+  c->tpg = tpg;
+  if (!keep_rows) c->rows = pow2_ceil((long)tpg * d->G);
+  if (tpg > 1) c->ucap = tpg * (d->S > 0 ? d->S : 1);
+}
+
 /* Sizes from the device's tuning, then keys per tile and rows halved until the local
- * arrays fit. The selected branch gives a group only the G heads of one token, so it
- * takes fewer rows (and longer key tiles) when G is small. */
+ * arrays fit. The selected branch packs TPG tokens into a group when G is small (see
+ * attend_tokens); with one token per group it takes longer key tiles. */
 static clnsa_status attend_configure(clnsa_context *ctx, int mode, const nsa_dims *d,
                                      attend_config *c) {
   attend_tuning t = tuning_attend(ctx, d->DK, d->DV, ATTEND_ROWS);
   c->wg = pow2_floor(t.threads > 1 ? t.threads : 1);
   c->rows = pow2_floor(t.rows > 1 ? t.rows : 1);
-  if (mode == MODE_SELECTED && pow2_ceil(d->G) < c->rows) c->rows = pow2_ceil(d->G);
   if (c->rows > c->wg) c->rows = c->wg;
-  c->kt = c->rows <= 4 ? 64 : 32;
   c->rows = tuning_env_int("ROWS", c->rows, 0);
+  c->tpg = 1, c->ucap = 0;
+  if (mode == MODE_SELECTED) attend_tokens(c, d, tuning_env_int("ROWS", 0, 0) != 0);
+  c->kt = c->rows <= 4 ? 64 : 32;
   c->kt = tuning_env_int("KT", c->kt, 0);
   c->wg = tuning_env_int("WG", c->wg, 0);
   const bool fixed = tuning_env_int("ROWS", 0, 0) || tuning_env_int("KT", 0, 0);
@@ -95,10 +128,12 @@ static clnsa_status attend_configure(clnsa_context *ctx, int mode, const nsa_dim
       return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED,
                         "attend_fwd: %zu bytes of local memory needed, the device has %zu",
                         attend_local_bytes(mode, d->DK, d->DV, c), budget);
-    if (c->kt > 8)
+    if (c->kt > 8) {
       c->kt /= 2;
-    else
+    } else {
       c->rows /= 2;
+      if (mode == MODE_SELECTED) attend_tokens(c, d, false);
+    }
   }
   if ((size_t)c->wg > ctx->info.max_wg)
     return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED, "attend_fwd: work-group %d > device limit %zu",
@@ -130,6 +165,7 @@ static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims 
   build_options opt = {{0}, 0};
   options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DKW=%d -DDW=%d", mode,
               d->DK, d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.kw, cfg.dw);
+  if (cfg.tpg > 1) options_add(&opt, " -DTPG=%d -DUCAP=%d", cfg.tpg, cfg.ucap);
   if (mode != MODE_WINDOW) options_add(&opt, " -DBS=%d", d->BS);
   /* On an H200 (bf16, D=128) 16-byte loads ran the selected branch 1.7-2.4x faster;
    * the register prefetch gained nothing there (and makes PoCL builds 3x longer), so it
@@ -149,13 +185,14 @@ static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims 
   /* Groups: row tiles of every sequence (MODE 0/1), or ROWS-head chunks of every query. */
   size_t groups, G = (size_t)d->G;
   cl_int tiles;
-  if (mode == MODE_SELECTED) {
+  if (mode == MODE_SELECTED && cfg.tpg == 1) {
     tiles = (cl_int)((G + cfg.rows - 1) / cfg.rows);
     groups = (size_t)d->B * (size_t)d->TQ * (size_t)tiles;
   } else {
     size_t maxq = d->seqs ? (size_t)d->seqs->max_q : (size_t)d->TQ;
     size_t nseg = d->seqs ? (size_t)d->seqs->n : (size_t)d->B;
-    tiles = (cl_int)((maxq * G + cfg.rows - 1) / cfg.rows);
+    size_t per = mode == MODE_SELECTED ? (size_t)cfg.tpg : (size_t)cfg.rows;
+    tiles = (cl_int)((maxq * (mode == MODE_SELECTED ? 1 : G) + per - 1) / per);
     groups = nseg * (size_t)tiles;
   }
   cl_uint arg = 0;

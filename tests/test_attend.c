@@ -297,6 +297,63 @@ static void test_attend_small_tiles(void **state) {
   unsetenv("CLNSA_TUNE");
 }
 
+/* Selected attention with G < ROWS packs consecutive tokens into one group (the union of
+ * their lists, a per-token mask): G = 1 and 2 with random per-token lists (-1, duplicates,
+ * blocks past the own one), varlen so that token tiles straddle sequence ends, several
+ * tiles per sequence (ROWS=8), and the union's scratch outside the K/V tile (KT=8). */
+static void test_attend_selected_packed(void **state) {
+  (void)state;
+  rng r = {harness_seed("attend selected packed")};
+  static const attend_case cases[] = {
+      {"pack G1", 2, 75, 75, 2, 1, 32, 24, 8, 6, {0}, 0, {0}, {0}, CLNSA_F32, 0, 0, 0},
+      {"pack G2", 1, 70, 83, 1, 2, 32, 24, 8, 5, {0}, 0, {0}, {0}, CLNSA_F32, 0, 0, 0},
+      {"pack G1 varlen",
+       1,
+       0,
+       0,
+       2,
+       1,
+       32,
+       24,
+       8,
+       7,
+       {0},
+       5,
+       {0, 3, 40, 40, 41, 97},
+       {0, 10, 47, 47, 60, 160},
+       CLNSA_F32,
+       0,
+       0,
+       0},
+      {"pack G2 varlen",
+       1,
+       0,
+       0,
+       1,
+       2,
+       32,
+       24,
+       8,
+       4,
+       {0},
+       4,
+       {0, 17, 18, 51, 86},
+       {0, 17, 30, 70, 110},
+       CLNSA_F32,
+       0,
+       0,
+       0},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], &r);
+  setenv("CLNSA_TUNE", "ROWS=8", 1);
+  run_case(&cases[1], &r);
+  run_case(&cases[3], &r);
+  setenv("CLNSA_TUNE", "KT=8", 1);
+  run_case(&cases[0], &r);
+  run_case(&cases[2], &r);
+  unsetenv("CLNSA_TUNE");
+}
+
 /* No lse (HAS_LSE=0): o still matches. */
 static void test_attend_without_lse(void **state) {
   (void)state;
@@ -418,7 +475,8 @@ int main(void) {
   ctx = harness_context();
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_attend_shapes),      cmocka_unit_test(test_attend_dtypes_dims),
-      cmocka_unit_test(test_attend_small_tiles), cmocka_unit_test(test_attend_without_lse),
+      cmocka_unit_test(test_attend_small_tiles), cmocka_unit_test(test_attend_selected_packed),
+      cmocka_unit_test(test_attend_without_lse),
       cmocka_unit_test(test_attend_empty),       cmocka_unit_test(test_attend_rejects),
   };
   int rc = cmocka_run_group_tests(tests, NULL, NULL);
