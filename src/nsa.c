@@ -93,29 +93,28 @@ static bool window_runs(const nsa_dims *d, const clnsa_inputs *in) {
   return d->W > 0 && in->g_swa != NULL;
 }
 
-clnsa_status clnsa_forward_workspace_size(clnsa_context *ctx, const clnsa_params *params,
-                                          const clnsa_inputs *in, size_t *bytes) {
+/* Bytes of the forward's regions, and with `backward` the backward's scratch after them. */
+static clnsa_status workspace_size(clnsa_context *ctx, const clnsa_params *params,
+                                   const clnsa_inputs *in, bool backward, size_t *bytes) {
   if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
   if (!bytes) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "bytes is NULL");
   nsa_dims d;
   CHECK_STATUS(inputs_validate(ctx, params, in, &d));
   ws_layout l;
   workspace_layout(&d, window_runs(&d, in), &l);
-  *bytes = l.end;
+  size_t scratch = backward ? backward_scratch_bytes(&d) : 0;
+  *bytes = scratch ? l.scratch + scratch : l.end;
   return CLNSA_SUCCESS;
+}
+
+clnsa_status clnsa_forward_workspace_size(clnsa_context *ctx, const clnsa_params *params,
+                                          const clnsa_inputs *in, size_t *bytes) {
+  return workspace_size(ctx, params, in, false, bytes);
 }
 
 clnsa_status clnsa_backward_workspace_size(clnsa_context *ctx, const clnsa_params *params,
                                            const clnsa_inputs *in, size_t *bytes) {
-  if (!ctx) return CLNSA_ERR_NULL_ARGUMENT;
-  if (!bytes) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "bytes is NULL");
-  nsa_dims d;
-  CHECK_STATUS(inputs_validate(ctx, params, in, &d));
-  ws_layout l;
-  workspace_layout(&d, window_runs(&d, in), &l);
-  size_t scratch = backward_scratch_bytes(&d);
-  *bytes = scratch ? l.scratch + scratch : l.end;
-  return CLNSA_SUCCESS;
+  return workspace_size(ctx, params, in, true, bytes);
 }
 
 /* ---- workspace handles ---- */
