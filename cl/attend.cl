@@ -11,7 +11,7 @@
  *  - MODE 2, TPG == 1: the G heads of one token (in chunks of ROWS when G > ROWS). Its
  *    valid listed blocks are deduplicated and sorted in local memory, and their tokens
  *    are numbered 0, 1, ... (BS per block; the own block, always last, is cut at p).
- *  - MODE 2, TPG > 1 (G < ROWS): TPG consecutive tokens of one sequence, rows token*G + g.
+ *  - MODE 2, TPG > 1 (host: G <= ROWS/4): TPG consecutive tokens of one sequence, rows token*G + g.
  *    The group walks the sorted union of the tokens' valid blocks (at most UCAP = TPG*S);
  *    msk[slot] has bit u set when block list[slot] is in token u's list, and row r sees
  *    key index kidx when its token's bit is set and the key's position is <= its p.
