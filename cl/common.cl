@@ -44,6 +44,14 @@ inline void st_dt2(__global ushort *p, long i, float x) {
 }
 #define STORE(DT, p, i, x) CAT(st_dt, DT)(p, i, x)
 
+/* IEEE binary16 bits to float, exact for subnormals, infinities and NaN. */
+inline float f16_bits(uint h) {
+  const uint e = (h >> 10) & 0x1fu, m = h & 0x3ffu, s = (h & 0x8000u) << 16;
+  if (e == 0x1fu) return as_float(s | 0x7f800000u | (m << 13));
+  if (e == 0) return (s ? -0x1p-24f : 0x1p-24f) * (float)m;
+  return as_float(s | ((e + 112u) << 23) | (m << 13));
+}
+
 #define TENSOR(DT, t) __global STORAGE(DT) *t, long t##_off, long t##_s0, long t##_s1, long t##_s2
 #define CTENSOR(DT, t) \
   __global const STORAGE(DT) *t, long t##_off, long t##_s0, long t##_s1, long t##_s2

@@ -105,6 +105,19 @@ CLNSA_API cl_command_queue clnsa_context_queue(const clnsa_context *ctx);
 CLNSA_API cl_device_id clnsa_context_device(const clnsa_context *ctx);
 CLNSA_API cl_context clnsa_context_cl(const clnsa_context *ctx);
 
+/*! clnsa_context_tensor_cores() : the matrix-unit path the context's attention kernels
+ *  take for f16/bf16 q, k, v: CLNSA_MMA_NONE (portable kernels), CLNSA_MMA_NVIDIA
+ *  (tensor cores through inline PTX mma.sync; NVIDIA devices whose probe kernel passed) or
+ *  CLNSA_MMA_EMULATED (CLNSA_TUNE=MMA=2: the same kernels with the warp instructions
+ *  emulated, any device, for tests). The first call runs the probe (one tiny blocking
+ *  kernel on the context's queue); CLNSA_TUNE=MMA=0 turns the path off. NULL gives NONE. */
+typedef enum clnsa_mma {
+  CLNSA_MMA_NONE = 0,
+  CLNSA_MMA_NVIDIA = 1,
+  CLNSA_MMA_EMULATED = 2
+} clnsa_mma;
+CLNSA_API clnsa_mma clnsa_context_tensor_cores(clnsa_context *ctx);
+
 /*! clnsa_select_device() : resolves a device selector. `selector` is NULL, an index into
  *  the list of all devices of all platforms ("0", "1", ...) or a case-insensitive
  *  substring of "platform name / device name". NULL or "" reads the environment variable

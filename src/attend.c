@@ -141,17 +141,52 @@ static clnsa_status attend_configure(clnsa_context *ctx, int mode, const nsa_dim
   return CLNSA_SUCCESS;
 }
 
-/* 1 when the rows of t (head dim `dim`) can be read in aligned 16-byte units: offset,
- * strides and the head dim are whole units (buffers are aligned far beyond 16 bytes). */
-static int rows_vec16(const clnsa_tensor *t, int dim) {
-  const int64_t n = 16 / (int64_t)clnsa_dtype_size(t->dtype);
-  if (t->offset % (size_t)n || dim % n) return 0;
-  for (int i = 0; i < 3; i++)
-    if (t->strides[i] % n) return 0;
-  return 1;
+/* Tensor-core path (cl/attend_mma.cl): q f16 or bf16; k and v of q's type, or f32 with
+ * bf16 q (split into two bf16 terms: the whole forward's f32 k_cmp/v_cmp); head dims in
+ * 32-wide chunks (the 16-byte fragment loads), rows aligned to 16 bytes, and head dims
+ * the register budget holds: 128 for the accumulators, 256 for q (see PERFORMANCE.md). */
+static bool attend_mma_fits(const nsa_dims *d, const clnsa_tensor *q, const clnsa_tensor *k,
+                            const clnsa_tensor *v) {
+  const clnsa_dtype dt = q->dtype;
+  const bool split = dt == CLNSA_BF16;
+  return (dt == CLNSA_F16 || dt == CLNSA_BF16) &&
+         (k->dtype == dt || (split && k->dtype == CLNSA_F32)) &&
+         (v->dtype == dt || (split && v->dtype == CLNSA_F32)) && d->DK % 32 == 0 &&
+         d->DV % 32 == 0 && d->DK <= 256 && d->DV <= 128 && tensor_rows_aligned16(q, d->DK) &&
+         tensor_rows_aligned16(k, d->DK) && tensor_rows_aligned16(v, d->DV);
 }
 
-/* One launch of attend_fwd. bi is used in MODE_SELECTED only; lse may be NULL. */
+/* Warps per group and keys per step of cl/attend_mma.cl; rows and token packing as in
+ * attend_tokens (16 rows: one mma tile). Returns false where local memory is short. */
+static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d, bool emulate,
+                                 bool split, attend_config *c) {
+  const int nw = emulate ? 1 : tuning_env_int("MMA_NW", 4, 1);
+  c->wg = 32 * nw;
+  /* 32 keys per step: 176 registers at D = 128 (ptxas for sm_90, tools/ptx_check.sh); the
+   * f32 split doubles the K/V fragments, and 16 keys keep it there (32 need all 255). */
+  c->kt = tuning_env_int("MMA_KT", split ? 16 : 32, 16);
+  c->kw = c->dw = 0;
+  c->tpg = 1, c->ucap = 0;
+  c->rows = mode == MODE_SELECTED ? 16 : 16 * nw;
+  if (mode == MODE_SELECTED && d->G < 16) {
+    int tpg = 16 / d->G, cap = ATTEND_UNION_MAX / (d->S > 0 ? d->S : 1);
+    tpg = tpg > cap ? cap : tpg;
+    if (tpg > 1) c->tpg = tpg, c->ucap = tpg * (d->S > 0 ? d->S : 1);
+  }
+  size_t bytes = 16 * (size_t)c->rows;
+  if (mode == MODE_SELECTED) {
+    const size_t merge = (size_t)nw * 16 * (size_t)(d->DV + 4);
+    bytes += 4 * (2 * (size_t)nw * 16 + merge);
+    bytes += c->tpg > 1 ? 8 * (size_t)c->ucap * (2 * (size_t)c->ucap > merge ? 2 : 1)
+                        : 8 * (size_t)CLNSA_MAX_BLOCK_COUNT;
+  }
+  if (emulate) bytes += 4 * 32 * 6;
+  return c->kt % 16 == 0 && (size_t)c->wg <= ctx->info.max_wg &&
+         bytes + 1024 <= (size_t)ctx->info.local_mem;
+}
+
+/* One launch of attend_fwd, or attend_mma_fwd where the context's tensor-core path takes
+ * these tensors. bi is used in MODE_SELECTED only; lse may be NULL. */
 static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims *d,
                                    const clnsa_tensor *q, const clnsa_tensor *k,
                                    const clnsa_tensor *v, const clnsa_tensor *bi,
@@ -160,27 +195,40 @@ static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims 
   /* The kernel numbers query rows (token * G + g) and tiles in int. */
   if ((size_t)d->B * (size_t)d->TQ * (size_t)d->HQ > (size_t)INT32_MAX)
     return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED, "attend_fwd: more than 2^31 query rows");
+  int mma = MMA_OFF;
+  if (attend_mma_fits(d, q, k, v)) CHECK_STATUS(mma_mode(ctx, &mma));
   attend_config cfg;
-  CHECK_STATUS(attend_configure(ctx, mode, d, &cfg));
   build_options opt = {{0}, 0};
-  options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DKW=%d -DDW=%d", mode,
-              d->DK, d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.kw, cfg.dw);
-  if (cfg.tpg > 1) options_add(&opt, " -DTPG=%d -DUCAP=%d", cfg.tpg, cfg.ucap);
-  if (mode != MODE_WINDOW) options_add(&opt, " -DBS=%d", d->BS);
-  /* On an H200 (bf16, D=128) 16-byte loads ran the selected branch 1.7-2.4x faster;
-   * the register prefetch gained nothing there (and makes PoCL builds 3x longer), so it
-   * stays a tunable, off by default. */
-  const int vec = tuning_env_int("VEC", 1, 0);
-  options_add(&opt, " -DHAS_LSE=%d -DPREFETCH=%d -DVEC_K=%d -DVEC_V=%d", lse ? 1 : 0,
-              tuning_env_int("PREFETCH", 0, 0), vec && rows_vec16(k, d->DK),
-              vec && rows_vec16(v, d->DV));
-  options_add_dtype(&opt, "Q", q);
+  const char *file = "attend_setup.cl+attend.cl", *name = "attend_fwd";
+  const bool split = k->dtype == CLNSA_F32 || v->dtype == CLNSA_F32;
+  if (mma != MMA_OFF && attend_mma_configure(ctx, mode, d, mma == MMA_EMULATED, split, &cfg)) {
+    file = "warp_ops.cl+attend_setup.cl+attend_mma.cl", name = "attend_mma_fwd";
+    options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DNW=%d", mode,
+                d->DK, d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.wg / 32);
+    options_add(&opt, " -DMMA_DT=%d -DWARP_EMULATE=%d -DHAS_LSE=%d", (int)q->dtype,
+                mma == MMA_EMULATED, lse ? 1 : 0);
+  } else {
+    /* the portable kernel; tuning_attend sizes its f32 local tiles */
+    CHECK_STATUS(attend_configure(ctx, mode, d, &cfg));
+    options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DKW=%d -DDW=%d",
+                mode, d->DK, d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.kw, cfg.dw);
+    /* On an H200 (bf16, D=128) 16-byte loads ran the selected branch 1.7-2.4x faster;
+     * the register prefetch gained nothing there (and makes PoCL builds 3x longer), so it
+     * stays a tunable, off by default. */
+    const int vec = tuning_env_int("VEC", 1, 0);
+    options_add(&opt, " -DHAS_LSE=%d -DPREFETCH=%d -DVEC_K=%d -DVEC_V=%d", lse ? 1 : 0,
+                tuning_env_int("PREFETCH", 0, 0), vec && tensor_rows_aligned16(k, d->DK),
+                vec && tensor_rows_aligned16(v, d->DV));
+  }
   options_add_dtype(&opt, "K", k);
   options_add_dtype(&opt, "V", v);
+  if (cfg.tpg > 1) options_add(&opt, " -DTPG=%d -DUCAP=%d", cfg.tpg, cfg.ucap);
+  if (mode != MODE_WINDOW) options_add(&opt, " -DBS=%d", d->BS);
+  options_add_dtype(&opt, "Q", q);
   options_add_dtype(&opt, "O", o);
   tuning_env_override(&opt);
   cl_kernel kern;
-  CHECK_STATUS(program_kernel(ctx, "attend.cl", opt.text, "attend_fwd", &kern));
+  CHECK_STATUS(program_kernel(ctx, file, opt.text, name, &kern));
 
   /* Groups: row tiles of every sequence (MODE 0/1), or ROWS-head chunks of every query. */
   size_t groups, G = (size_t)d->G;

@@ -37,6 +37,7 @@ struct clnsa_context {
   device_info info;
   program_entry *programs;
   int nprograms;
+  int mma_hardware, mma_emulated; /* probe of the tensor-core path: 0 not run, 1 ok, -1 failed */
   char message[CLNSA_MESSAGE_SIZE];
 };
 
@@ -47,6 +48,10 @@ clnsa_status clnsa_fail(clnsa_context *ctx, clnsa_status status, const char *fmt
 #endif
     ;
 clnsa_status clnsa_cl_fail(clnsa_context *ctx, cl_int err, const char *what);
+
+/* mma.c: which tensor-core path a kernel launch may take (see src/mma.c). */
+enum { MMA_OFF = 0, MMA_HARDWARE = 1, MMA_EMULATED = 2 };
+clnsa_status mma_mode(clnsa_context *ctx, int *mode);
 
 /* device.c */
 clnsa_status device_info_query(cl_device_id device, device_info *info);
@@ -105,6 +110,8 @@ clnsa_status tensor_check(clnsa_context *ctx, const clnsa_tensor *t, const char 
 cl_int tensor_set_args(cl_kernel k, cl_uint *arg, const clnsa_tensor *t);
 /* Arguments for an optional tensor: a NULL buffer and zeros. */
 cl_int tensor_set_absent_args(cl_kernel k, cl_uint *arg);
+/* Rows of t (head dim `dim`) readable in aligned 16-byte units (offset, strides, dim). */
+bool tensor_rows_aligned16(const clnsa_tensor *t, int dim);
 
 /* ---- problem dimensions shared by all stages (dims.c) ---- */
 struct clnsa_seqs {

@@ -1,6 +1,7 @@
 /* Run-time compilation of the embedded kernels, with an on-disk binary cache.
  *
- * Every program is cl/common.cl followed by one kernel file. The cache key is a 128-bit
+ * Every program is cl/common.cl followed by the kernel files named in `file`, joined by
+ * '+' ("attend_setup.cl+attend.cl": shared helpers first). The cache key is a 128-bit
  * xxHash of: a format version, the library version, the source, the build options, and
  * the device name, driver version and platform version. A cache file is
  *   magic "CLNSAPB1" | u32 format | u32 reserved | u64 payload size | u64 XXH3 of payload
@@ -160,18 +161,47 @@ static clnsa_status build_log_fail(clnsa_context *ctx, cl_program p, const char 
   return CLNSA_ERR_BUILD;
 }
 
-static clnsa_status build_program(clnsa_context *ctx, const char *file, const char *options,
-                                  cl_program *out) {
-  const cl_source *common = find_source("common.cl"), *body = find_source(file);
-  if (!common || !body)
-    return clnsa_fail(ctx, CLNSA_ERR_BUILD, "kernel source %s is not embedded", file);
-  size_t len = common->length + 1 + body->length;
+/* cl/common.cl and then each '+'-separated file of `file`, as one source string. */
+static clnsa_status program_source(clnsa_context *ctx, const char *file, char **out,
+                                   size_t *out_len) {
+  const cl_source *parts[8];
+  int n = 0;
+  parts[n++] = find_source("common.cl");
+  size_t len = parts[0] ? parts[0]->length + 1 : 0;
+  for (const char *p = file; *p && parts[n - 1];) {
+    const char *end = strchr(p, '+');
+    size_t k = end ? (size_t)(end - p) : strlen(p);
+    char name[64];
+    if (k == 0 || k >= sizeof name || n == (int)(sizeof parts / sizeof parts[0]))
+      return clnsa_fail(ctx, CLNSA_ERR_BUILD, "bad kernel file list %s", file);
+    memcpy(name, p, k);
+    name[k] = '\0';
+    parts[n] = find_source(name);
+    if (parts[n]) len += parts[n]->length + 1;
+    n++;
+    p = end ? end + 1 : p + k;
+  }
+  for (int i = 0; i < n; i++)
+    if (!parts[i]) return clnsa_fail(ctx, CLNSA_ERR_BUILD, "kernel source %s is not embedded", file);
   char *src = malloc(len + 1);
   if (!src) return CLNSA_ERR_OUT_OF_HOST_MEMORY;
-  memcpy(src, common->text, common->length);
-  src[common->length] = '\n';
-  memcpy(src + common->length + 1, body->text, body->length);
-  src[len] = '\0';
+  size_t at = 0;
+  for (int i = 0; i < n; i++) {
+    memcpy(src + at, parts[i]->text, parts[i]->length);
+    at += parts[i]->length;
+    src[at++] = '\n';
+  }
+  src[at] = '\0';
+  *out = src;
+  *out_len = at;
+  return CLNSA_SUCCESS;
+}
+
+static clnsa_status build_program(clnsa_context *ctx, const char *file, const char *options,
+                                  cl_program *out) {
+  char *src = NULL;
+  size_t len = 0;
+  CHECK_STATUS(program_source(ctx, file, &src, &len));
 
   char dir[4000], path[4200];
   bool cached = cache_dir(ctx, dir, sizeof dir);

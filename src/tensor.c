@@ -84,3 +84,13 @@ cl_int tensor_set_absent_args(cl_kernel k, cl_uint *arg) {
   for (int i = 0; i < 4; i++) err |= clSetKernelArg(k, (*arg)++, sizeof zero, &zero);
   return err;
 }
+
+/* True when the rows of t (head dim `dim`) can be read in aligned 16-byte units: offset,
+ * strides and the head dim are whole units (buffers are aligned far beyond 16 bytes). */
+bool tensor_rows_aligned16(const clnsa_tensor *t, int dim) {
+  const int64_t n = 16 / (int64_t)clnsa_dtype_size(t->dtype);
+  if (t->offset % (size_t)n || dim % n) return false;
+  for (int i = 0; i < 3; i++)
+    if (t->strides[i] % n) return false;
+  return true;
+}

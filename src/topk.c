@@ -77,19 +77,66 @@ static clnsa_status topk_tune(clnsa_context *ctx, int dk, int g, topk_tuning *t)
   return CLNSA_SUCCESS;
 }
 
+/* Tensor-core top-k (cl/topk_mma.cl): q f16/bf16 with k_cmp of q's type (or f32 with
+ * bf16 q), G a power of two up to 16 (a token's rows inside one 16-row tile), DK in
+ * 32-wide chunks, 16-byte rows, and the importances of NW warps x 16/G tokens x every
+ * candidate block in local memory (NW shrinks to fit). Returns the warps per group, or 0
+ * where the portable kernel runs. */
+static int topk_mma_warps(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
+                          const clnsa_tensor *k_cmp, bool emulate, int *cap) {
+  const clnsa_dtype dt = q->dtype;
+  const int G = d->G;
+  if (!((dt == CLNSA_F16 || dt == CLNSA_BF16) &&
+        (k_cmp->dtype == dt || (dt == CLNSA_BF16 && k_cmp->dtype == CLNSA_F32)) &&
+        (G == 1 || G == 2 || G == 4 || G == 8 || G == 16) && d->DK % 32 == 0 && d->DK <= 256 &&
+        tensor_rows_aligned16(q, d->DK) && tensor_rows_aligned16(k_cmp, d->DK)))
+    return 0;
+  const int tk = d->seqs ? d->seqs->max_k : d->TK;
+  *cap = (tk + d->BS - 1) / d->BS;
+  if (*cap < 1) *cap = 1;
+  for (int nw = emulate ? 1 : 4; nw >= 1; nw /= 2) {
+    const size_t bytes = 4 * ((size_t)nw * (16 / G) * (size_t)*cap + (size_t)nw * TOPK_LIST_MAX) +
+                         (emulate ? 4 * 32 * 6 : 0) + 1024;
+    if (bytes <= (size_t)ctx->info.local_mem && (size_t)(32 * nw) <= ctx->info.max_wg) return nw;
+  }
+  return 0;
+}
+
 clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
                           const clnsa_tensor *k_cmp, const clnsa_tensor *lse_cmp,
                           const clnsa_tensor *block_counts, const clnsa_tensor *block_indices,
                           enqueue_chain *c) {
-  topk_tuning t;
-  CHECK_STATUS(topk_tune(ctx, d->DK, d->G, &t));
+  int mma = MMA_OFF, cap = 0, nw = 0;
+  if (q->dtype != CLNSA_F32) CHECK_STATUS(mma_mode(ctx, &mma));
+  if (mma != MMA_OFF) nw = topk_mma_warps(ctx, d, q, k_cmp, mma == MMA_EMULATED, &cap);
   build_options o = {{0}, 0};
-  options_add(&o, "-DDK=%d -DTILE=%d -DWG=%d -DGC=%d -DGR=%d", d->DK, t.tile, t.wg, t.gc, t.gr);
+  size_t local[2] = {1, 1}, global[2] = {1, (size_t)d->H};
+  const char *file = "topk.cl", *name = "topk_select";
+  cl_int tiles = 0;
+  if (nw > 0) {
+    const int per = nw * (16 / d->G); /* tokens per group */
+    const size_t maxq = d->seqs ? (size_t)d->seqs->max_q : (size_t)d->TQ;
+    const size_t nseg = d->seqs ? (size_t)d->seqs->n : (size_t)d->B;
+    tiles = (cl_int)((maxq + (size_t)per - 1) / (size_t)per);
+    file = "warp_ops.cl+attend_setup.cl+topk_mma.cl", name = "topk_mma_select";
+    options_add(&o, "-DDK=%d -DWG=%d -DNW=%d -DGQ=%d -DCAP=%d -DBS=%d -DKT=%d -DMMA_DT=%d",
+                d->DK, 32 * nw, nw, d->G, cap, d->BS, tuning_env_int("TOPK_KT", 32, 16),
+                (int)q->dtype);
+    options_add(&o, " -DWARP_EMULATE=%d", mma == MMA_EMULATED);
+    local[0] = (size_t)(32 * nw);
+    global[0] = nseg * (size_t)tiles * local[0];
+  } else {
+    topk_tuning t;
+    CHECK_STATUS(topk_tune(ctx, d->DK, d->G, &t));
+    options_add(&o, "-DDK=%d -DTILE=%d -DWG=%d -DGC=%d -DGR=%d", d->DK, t.tile, t.wg, t.gc, t.gr);
+    local[0] = (size_t)t.wg;
+    global[0] = (size_t)d->B * (size_t)d->TQ * local[0];
+  }
   options_add_dtype(&o, "Q", q);
   options_add_dtype(&o, "KC", k_cmp);
   tuning_env_override(&o);
   cl_kernel kern;
-  CHECK_STATUS(program_kernel(ctx, "topk.cl", o.text, "topk_select", &kern));
+  CHECK_STATUS(program_kernel(ctx, file, o.text, name, &kern));
   const cl_int has_counts = block_counts != NULL;
   const cl_int ints[4] = {has_counts, d->S, d->BS, d->G};
   const cl_float scale = d->scale;
@@ -103,9 +150,8 @@ clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
   for (int i = 0; i < 4; i++) err |= clSetKernelArg(kern, arg++, sizeof(cl_int), &ints[i]);
   err |= clSetKernelArg(kern, arg++, sizeof scale, &scale);
   err |= dims_set_seq_args(kern, &arg, d);
-  if (err != CL_SUCCESS) return clnsa_cl_fail(ctx, err, "clSetKernelArg(topk_select)");
-  size_t local[2] = {(size_t)t.wg, 1};
-  size_t global[2] = {(size_t)d->B * (size_t)d->TQ * local[0], (size_t)d->H};
+  if (nw > 0) err |= clSetKernelArg(kern, arg++, sizeof tiles, &tiles);
+  if (err != CL_SUCCESS) return clnsa_cl_fail(ctx, err, "clSetKernelArg(top-k)");
   return chain_launch(ctx, c, kern, 2, global, local);
 }
 

@@ -23,6 +23,21 @@ clnsa_context *harness_context(void) {
   return ctx;
 }
 
+bool harness_tensor_cores(clnsa_context *ctx) {
+  cl_uint vendor = 0;
+  clGetDeviceInfo(clnsa_context_device(ctx), CL_DEVICE_VENDOR_ID, sizeof vendor, &vendor, NULL);
+  if (vendor != 0x10DE) {
+    const char *old = getenv("CLNSA_TUNE");
+    char tune[512];
+    snprintf(tune, sizeof tune, "%s%sMMA=2", old ? old : "", old && *old ? "," : "");
+    setenv("CLNSA_TUNE", tune, 1);
+  }
+  const clnsa_mma want = vendor == 0x10DE ? CLNSA_MMA_NVIDIA : CLNSA_MMA_EMULATED;
+  const clnsa_mma got = clnsa_context_tensor_cores(ctx);
+  printf("# vendor 0x%x: tensor-core path %d (want %d)\n", vendor, (int)got, (int)want);
+  return got == want;
+}
+
 uint64_t harness_seed(const char *test_name) {
   const char *env = getenv("CLNSA_TEST_SEED");
   uint64_t seed = env && *env ? strtoull(env, NULL, 0) : (uint64_t)time(NULL);

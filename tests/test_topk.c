@@ -269,6 +269,37 @@ static void test_topk_sweep(void **state) {
   printf("# topk: %d near-tie swaps accepted in all\n", ties);
 }
 
+/* Shapes the tensor-core top-k (cl/topk_mma.cl) takes: G = 1, 2, 4, 8, 16, q f16 or bf16,
+ * k_cmp of q's type or f32 with bf16 q, DK a multiple of 32, unpadded rows. Wherever the
+ * context has a tensor-core path these run on it (`test_topk tensor-cores` requires it). */
+static void test_topk_tensor_cores(void **state) {
+  (void)state;
+  rng r = {harness_seed("topk tensor cores")};
+  // clang-format off
+  const topk_case cases[] = {
+      /* G = 16, bf16 q with f32 k_cmp (the whole forward's), counts */
+      {1, 300, 0, 32, 2, 64, 8, 5, 0, {0}, {0}, true, false, BF16, F32, false},
+      /* G = 1, f16, several warps' worth of tokens, long lists */
+      {2, 150, 0, 2, 2, 32, 4, 16, 0, {0}, {0}, false, false, F16, F16, false},
+      /* G = 2 and 4 and 8, bf16 */
+      {1, 90, 0, 4, 2, 32, 4, 8, 0, {0}, {0}, true, false, BF16, BF16, false},
+      {1, 77, 0, 4, 1, 96, 8, 4, 0, {0}, {0}, false, false, BF16, F32, false},
+      {1, 64, 0, 16, 2, 32, 4, 6, 0, {0}, {0}, false, false, F16, F16, false},
+      /* varlen with an empty and a length-1 sequence; TQ_s < TK_s */
+      {1, 40, 40, 4, 2, 32, 4, 3, 4, {0, 17, 17, 18, 40}, {0, 17, 17, 18, 40}, true, false, BF16,
+       BF16, false},
+      {1, 14, 104, 8, 2, 32, 4, 16, 4, {0, 5, 5, 6, 14}, {0, 40, 43, 44, 104}, false, false, F16,
+       F16, false},
+      /* exact ties go to the lower block index; S = 128 */
+      {1, 120, 0, 2, 1, 32, 4, 8, 0, {0}, {0}, false, true, BF16, BF16, false},
+      {1, 600, 0, 1, 1, 32, 4, 128, 0, {0}, {0}, true, false, BF16, BF16, false},
+  };
+  // clang-format on
+  int ties = 0;
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], &r, &ties);
+  printf("# topk tensor cores: %d near-tie swaps accepted in all\n", ties);
+}
+
 /* Invalid arguments are refused before anything is enqueued: the output keeps its poison. */
 static void test_topk_errors(void **state) {
   (void)state;
@@ -312,9 +343,21 @@ static void test_topk_errors(void **state) {
   dev_free(&di);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
   ctx = harness_context();
+  if (argc > 1 && strcmp(argv[1], "tensor-cores") == 0) {
+    /* the suite entry that exists for the tensor-core kernels must not pass on others */
+    if (!harness_tensor_cores(ctx)) {
+      clnsa_context_destroy(ctx);
+      return 1;
+    }
+    const struct CMUnitTest only[] = {cmocka_unit_test(test_topk_tensor_cores)};
+    int rc = cmocka_run_group_tests(only, NULL, NULL);
+    clnsa_context_destroy(ctx);
+    return rc;
+  }
   const struct CMUnitTest tests[] = {cmocka_unit_test(test_topk_sweep),
+                                     cmocka_unit_test(test_topk_tensor_cores),
                                      cmocka_unit_test(test_topk_errors)};
   int rc = cmocka_run_group_tests(tests, NULL, NULL);
   clnsa_context_destroy(ctx);

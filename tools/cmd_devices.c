@@ -80,6 +80,16 @@ static void print_device(long index, const char *platform, cl_device_id d, bool 
     printf("    compute cap.    %u.%u\n", (unsigned)major, (unsigned)minor);
   }
   free(ext);
+  /* Only NVIDIA devices have a hardware tensor-core path; asking builds and runs its probe. */
+  const char *mma = "no (portable kernels)";
+  char sel[32];
+  snprintf(sel, sizeof sel, "%ld", index);
+  clnsa_context *ctx = NULL;
+  if (vendor == 0x10DE && clnsa_context_create_from_selector(sel, &ctx) == CLNSA_SUCCESS)
+    mma = clnsa_context_tensor_cores(ctx) == CLNSA_MMA_NVIDIA ? "yes (mma.sync probe passed)"
+                                                              : "no (mma.sync probe failed)";
+  clnsa_context_destroy(ctx);
+  printf("    tensor cores    %s\n", mma);
 }
 
 int cmd_devices(int argc, char **argv) {

@@ -1,0 +1,411 @@
+/* Tensor-core flash attention (NVIDIA, mma.sync through inline PTX: cl/warp_ops.cl): the
+ * compressed (MODE 0), window (1) and selected (2) branches of cl/attend.cl, with the same
+ * rows and key sets (cl/attend_setup.cl), for q, k, v all f16 or all bf16 (MMA_DT) and
+ * f32 accumulation. The host (src/attend_mma.c) takes this path only where a probe kernel
+ * passed on the device, and otherwise runs cl/attend.cl.
+ *
+ * Warps. A work-group is NW warps of 32. A warp computes a 16-row tile, S = Q K^T, with
+ * mma.m16n8k16: 16 rows x 8 keys x 16 dims per instruction.
+ *  - MODE 0/1: warp w owns rows 16w .. 16w+15 of the group's ROWS = 16 NW rows and walks
+ *    the keys its own rows see; the warps share K/V tiles through L1.
+ *  - MODE 2: the group has 16 rows (one token's heads, or TPG tokens), and the warps split
+ *    its key set: warp w takes key tiles w, w + NW, ... Each keeps its own softmax state;
+ *    the partial outputs are merged in local memory at the end (flash-decoding style).
+ *
+ * No local memory in the main loop. Every operand is read straight from global memory
+ * into the register layout of an mma fragment, in 16-byte loads:
+ *  - K: lane (gid, tig) loads k[key gid][32c + 8tig .. 32c + 8tig + 7]; its words 2s and
+ *    2s+1 are the B fragment (b0, b1) of k-step s of chunk c. That numbers the 16 dims of
+ *    a k-step in a permuted order; Q is loaded with the same permutation (q[row][32c + 8tig
+ *    ..], words 2s/2s+1 of rows gid and gid+8 are a0..a3), and a dot product does not care
+ *    about the order of its terms.
+ *  - V: P V contracts over keys, so its B fragment needs two keys per register, which are
+ *    not adjacent in memory. Lane (gid, tig) loads v[key gid][32c + 8tig ..] (8 keys x 32
+ *    dims per warp, 16 bytes a lane); word j of that is, over the warp, an 8x8 matrix
+ *    (keys x dims 32c + 8(col/2) + 2j + col%2), and movmatrix.trans turns it into b0 (keys
+ *    0-7) or b1 (keys 8-15). The accumulator then holds, for lane (gid, tig), the dims
+ *    32c + 8tig + 2j + {0, 1} of rows gid and gid+8: eight consecutive dims per chunk.
+ *  - P: the f32 scores tile is already laid out as A fragments of P V (registers of key
+ *    pairs 2tig, 2tig+1); rounding to MMA_DT packs them (FlashAttention-2's trick).
+ *  - f32 K or V with bf16 q (the compressed branch of the whole forward keeps k_cmp and
+ *    v_cmp in f32): each value x is split into hi = bf16(x) and lo = bf16(x - hi), and
+ *    both terms go through the tensor cores; hi + lo carries 16 bits of x's mantissa, so
+ *    q.k keeps f32-level accuracy (q is exact in bf16) at twice the matrix work.
+ * Masked keys (past the key set, or not in the row's set) score -inf; loads of keys past
+ * the set read zeros, so no masked V row reaches an accumulator.
+ *
+ * Softmax state per row is in log2 units (scores times scale * log2(e)); the row max is
+ * reduced over the 4 lanes of a row (shfl.bfly 1, 2); row sums stay per lane until the end.
+ */
+#ifndef NW
+#define NW 4 /* warps per group */
+#endif
+#ifndef KT
+#define KT 32 /* keys per step: a multiple of 16 */
+#endif
+#ifndef DK
+#define DK 128
+#endif
+#ifndef DV
+#define DV 128
+#endif
+#ifndef HAS_LSE
+#define HAS_LSE 1
+#endif
+#ifndef VEARLY
+#define VEARLY 0 /* 1: a tile's V loads are issued with its K loads, before S = Q K^T */
+#endif
+#ifndef Q_DT
+#define Q_DT MMA_DT
+#endif
+#ifndef K_DT
+#define K_DT MMA_DT
+#endif
+#ifndef V_DT
+#define V_DT MMA_DT
+#endif
+#ifndef O_DT
+#define O_DT 0
+#endif
+
+#if WG != 32 * NW || KT % 16 || DK % 32 || DV % 32
+#error "attend_mma.cl: WG = 32 NW, KT a multiple of 16, DK and DV multiples of 32"
+#endif
+#if (MODE == 2 && ROWS != 16) || (MODE != 2 && ROWS != 16 * NW)
+#error "attend_mma.cl: ROWS is 16 (MODE 2) or 16 NW (MODE 0/1)"
+#endif
+#if (K_DT != MMA_DT && (K_DT != 0 || MMA_DT != 2)) || (V_DT != MMA_DT && (V_DT != 0 || MMA_DT != 2))
+#error "attend_mma.cl: k and v are MMA_DT, or f32 (split into two bf16 terms) with bf16 q"
+#endif
+#if WARP_EMULATE && NW != 1
+#error "attend_mma.cl: the warp emulation runs one warp per group"
+#endif
+
+#define DKC (DK / 32) /* 32-dim chunks of a q/k row */
+#define DVC (DV / 32)
+#define NT (KT / 8)   /* 8-key column tiles of S */
+#define KSTEPS (KT / 16)
+#define OLD (DV + 4) /* row stride of the merge buffer (MODE 2) */
+
+#define U4(v, j) ((j) == 0 ? (v).x : (j) == 1 ? (v).y : (j) == 2 ? (v).z : (v).w)
+/* 8 elements (16 bytes) at element index i of a 16-bit tensor; i is a multiple of 8. */
+#define LD8(p, i) (*(__global const uint4 *)((p) + (i)))
+
+/* 8 elements at element index i (a multiple of 4 when f32) as MMA_DT pairs: hi holds
+ * them rounded, lo (f32 only) what rounding left, so that hi + lo is x to 16 bits. */
+typedef struct pairs8 {
+  uint4 hi;
+#if K_DT == 0 || V_DT == 0
+  uint4 lo;
+#endif
+} pairs8;
+
+#if K_DT == 0 || V_DT == 0
+inline float bf16_up(uint w, int upper) { return as_float(upper ? w & 0xffff0000u : w << 16); }
+inline uint split_lo(float a, float b, uint hi) {
+  return pack2(a - bf16_up(hi, 0), b - bf16_up(hi, 1));
+}
+inline pairs8 load8_f32(__global const float *p, long i, bool ok) {
+  pairs8 r;
+  const float4 x0 = ok ? *(__global const float4 *)(p + i) : (float4)(0.0f);
+  const float4 x1 = ok ? *(__global const float4 *)(p + i + 4) : (float4)(0.0f);
+  r.hi = (uint4)(pack2(x0.x, x0.y), pack2(x0.z, x0.w), pack2(x1.x, x1.y), pack2(x1.z, x1.w));
+  r.lo = (uint4)(split_lo(x0.x, x0.y, r.hi.x), split_lo(x0.z, x0.w, r.hi.y),
+                 split_lo(x1.x, x1.y, r.hi.z), split_lo(x1.z, x1.w, r.hi.w));
+  return r;
+}
+#endif
+inline pairs8 load8_16(__global const ushort *p, long i, bool ok) {
+  pairs8 r;
+  r.hi = ok ? LD8(p, i) : (uint4)(0u);
+#if K_DT == 0 || V_DT == 0
+  r.lo = (uint4)(0u);
+#endif
+  return r;
+}
+#define LOAD8(DT, p, i, ok) CAT(LOAD8_, DT)(p, i, ok)
+#define LOAD8_0(p, i, ok) load8_f32(p, i, ok)
+#define LOAD8_1(p, i, ok) load8_16(p, i, ok)
+#define LOAD8_2(p, i, ok) load8_16(p, i, ok)
+
+/* Does row rh (0: gid, 1: gid+8) of this lane see key index kidx? khi bounds the keys
+ * the warp walks; lo/hi are the row's range (MODE 2 with TPG > 1: its token's bit in the
+ * membership mask and its position + 1). */
+inline bool key_visible(int kidx, int khi, int lo, int hi, __local const int *list,
+                        __local const uint *msk) {
+#if MODE == 2 && TPG > 1
+  const int slot = min(kidx, khi - 1) / BS;
+  return kidx < khi && ((msk[slot] >> lo) & 1u) != 0u &&
+         list[slot] * BS + (kidx - slot * BS) < hi;
+#elif MODE == 2
+  (void)lo, (void)hi, (void)list, (void)msk;
+  return kidx < khi;
+#else
+  (void)khi, (void)list, (void)msk;
+  return kidx >= lo && kidx < hi;
+#endif
+}
+
+__kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
+    CTENSOR(Q_DT, q), CTENSOR(K_DT, k), CTENSOR(V_DT, v), CITENSOR(bi), TENSOR(O_DT, o),
+    TENSOR(0, lse), SEQ_ARGS, float scale, int W, int S, int tiles) {
+  __local int rtok[ROWS], rhq[ROWS], rlo[ROWS], rhi[ROWS];
+#if MODE == 2
+  __local float part_m[NW * 16], part_l[NW * 16];
+  __local float part_o[NW * 16 * OLD] __attribute__((aligned(16)));
+#endif
+#if MODE == 2 && TPG > 1
+  __local int list[UCAP];
+  __local uint msk[UCAP];
+#if 2 * UCAP <= NW * 16 * OLD /* the union's scratch lives in the merge buffer until then */
+  __local int *cand = (__local int *)part_o;
+  __local uint *tmpm = (__local uint *)(part_o + UCAP);
+#else
+  __local int cand[UCAP];
+  __local uint tmpm[UCAP];
+#endif
+#elif MODE == 2
+  __local int list[MAX_S], tmp[MAX_S];
+  __local uint msk[1];
+#else
+  __local int list[1];
+  __local uint msk[1];
+#endif
+  WARP_SCRATCH(wx);
+  const attend_rows rows = {rtok, rhq, rlo, rhi};
+  const int h = get_group_id(1), G = HQ / H, lid = get_local_id(0);
+  const int lane = lid & 31, warp = lid >> 5, gid = lane >> 2, tig = lane & 3;
+  attend_group grp;
+#if MODE == 2 && TPG > 1
+  (void)W, (void)B;
+  attend_seq sq; /* no early return past the sequence: idle groups run with no tokens */
+  const int t0 = selected_tile(cu, nseq, TQ, TK, tiles, &sq);
+  setup_selected_multi(sq, t0, G, h, TPASS(bi), S, &grp, rows, list, msk, cand, tmpm);
+#elif MODE == 2
+  (void)W;
+  setup_selected(cu, nseq, B, TQ, TK, G, h, tiles, TPASS(bi), S, &grp, rows, list, tmp);
+#else
+  (void)S, (void)NB, (void)bi, (void)bi_off, (void)bi_s0, (void)bi_s1, (void)bi_s2;
+  if (!setup_dense(cu, nseq, TQ, TK, G, h, W, tiles, &grp, rows)) return;
+#endif
+  LBARRIER();
+
+  /* This lane's two rows, and the keys its warp walks: [klo, khi), tiles of KT. */
+  const int rbase = MODE == 2 ? 0 : 16 * warp;
+  int tok[2], hq[2], lo[2], hi[2];
+  for (int rh = 0; rh < 2; rh++) {
+    const int r = rbase + gid + 8 * rh;
+    tok[rh] = rows.tok[r], hq[rh] = rows.hq[r], lo[rh] = rows.lo[r], hi[rh] = rows.hi[r];
+  }
+#if MODE == 2
+  const int khi = grp.hi, kfirst = warp * KT, kstep = NW * KT;
+#else
+  int klo = grp.hi, khi = grp.lo;
+  for (int r = rbase; r < rbase + 16; r++) {
+    if (rows.tok[r] < 0) continue;
+    klo = min(klo, rows.lo[r]);
+    khi = max(khi, rows.hi[r]);
+  }
+  const int kfirst = klo, kstep = KT;
+#endif
+
+  uint4 qf[DKC][2];
+#pragma unroll
+  for (int c = 0; c < DKC; c++) {
+#pragma unroll
+    for (int rh = 0; rh < 2; rh++)
+      qf[c][rh] = tok[rh] >= 0 ? LD8(q, TIDX(q, grp.b, tok[rh], hq[rh]) + 32 * c + 8 * tig)
+                               : (uint4)(0u);
+  }
+  const float sl2 = scale * M_LOG2E_F;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float acc[DVC * 4][4];
+#pragma unroll
+  for (int n = 0; n < DVC * 4; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+  for (int k0 = kfirst; k0 < khi; k0 += kstep) {
+    /* V rows of the tile: keys k0 + 16 ks + gid (lo) and + 8 (hi) */
+#if VEARLY
+    pairs8 vlo[KSTEPS][DVC], vhi[KSTEPS][DVC];
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ks++) {
+      const int klo8 = k0 + 16 * ks + gid, khi8 = klo8 + 8;
+      const long atl = TIDX(v, grp.b, key_row(min(klo8, khi - 1), grp.krow0, list), h) + 8 * tig;
+      const long ath = TIDX(v, grp.b, key_row(min(khi8, khi - 1), grp.krow0, list), h) + 8 * tig;
+#pragma unroll
+      for (int c = 0; c < DVC; c++) {
+        vlo[ks][c] = LOAD8(V_DT, v, atl + 32 * c, klo8 < khi);
+        vhi[ks][c] = LOAD8(V_DT, v, ath + 32 * c, khi8 < khi);
+      }
+    }
+#endif
+    /* S = Q K^T for keys k0 .. k0 + KT - 1 */
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      const int kidx = k0 + 8 * nt + gid;
+      const long at = TIDX(k, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h) + 8 * tig;
+      pairs8 kw[DKC];
+#pragma unroll
+      for (int c = 0; c < DKC; c++) kw[c] = LOAD8(K_DT, k, at + 32 * c, kidx < khi);
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+      for (int c = 0; c < DKC; c++) {
+        const uint4 a = qf[c][0], b = qf[c][1], w = kw[c].hi;
+        mma_16816(s[nt], a.x, b.x, a.y, b.y, w.x, w.y, wx);
+        mma_16816(s[nt], a.z, b.z, a.w, b.w, w.z, w.w, wx);
+#if K_DT == 0
+        const uint4 e = kw[c].lo;
+        mma_16816(s[nt], a.x, b.x, a.y, b.y, e.x, e.y, wx);
+        mma_16816(s[nt], a.z, b.z, a.w, b.w, e.z, e.w, wx);
+#endif
+      }
+    }
+    /* mask, scale, row maxima over the tile */
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const int rh = i >> 1, kidx = k0 + 8 * nt + 2 * tig + (i & 1);
+        const bool in = key_visible(kidx, khi, lo[rh], hi[rh], list, msk);
+        s[nt][i] = in ? s[nt][i] * sl2 : -INFINITY;
+        mx[rh] = fmax(mx[rh], s[nt][i]);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int rh = 0; rh < 2; rh++) {
+      mx[rh] = fmax(mx[rh], shfl_xor(mx[rh], 1, wx));
+      mx[rh] = fmax(mx[rh], shfl_xor(mx[rh], 2, wx));
+      const float mn = fmax(m[rh], mx[rh]);
+      alpha[rh] = mn == -INFINITY ? 1.0f : exp2(m[rh] - mn);
+      m[rh] = mn;
+      l[rh] *= alpha[rh];
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const int rh = i >> 1;
+        s[nt][i] = m[rh] == -INFINITY ? 0.0f : exp2(s[nt][i] - m[rh]);
+        l[rh] += s[nt][i];
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < DVC * 4; n++) {
+      acc[n][0] *= alpha[0], acc[n][1] *= alpha[0];
+      acc[n][2] *= alpha[1], acc[n][3] *= alpha[1];
+    }
+    /* O += P V, 16 keys per step */
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ks++) {
+      const uint a0 = pack2(s[2 * ks][0], s[2 * ks][1]), a1 = pack2(s[2 * ks][2], s[2 * ks][3]);
+      const uint a2 = pack2(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+      const uint a3 = pack2(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+#if !VEARLY
+      const int klo8 = k0 + 16 * ks + gid, khi8 = klo8 + 8;
+      const long atl = TIDX(v, grp.b, key_row(min(klo8, khi - 1), grp.krow0, list), h) + 8 * tig;
+      const long ath = TIDX(v, grp.b, key_row(min(khi8, khi - 1), grp.krow0, list), h) + 8 * tig;
+#endif
+#pragma unroll
+      for (int c = 0; c < DVC; c++) {
+#if VEARLY
+        const pairs8 vl = vlo[ks][c], vh = vhi[ks][c];
+#else
+        const pairs8 vl = LOAD8(V_DT, v, atl + 32 * c, klo8 < khi);
+        const pairs8 vh = LOAD8(V_DT, v, ath + 32 * c, khi8 < khi);
+#endif
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          mma_16816(acc[4 * c + j], a0, a1, a2, a3, movmatrix_t(U4(vl.hi, j), wx),
+                    movmatrix_t(U4(vh.hi, j), wx), wx);
+#if V_DT == 0
+          mma_16816(acc[4 * c + j], a0, a1, a2, a3, movmatrix_t(U4(vl.lo, j), wx),
+                    movmatrix_t(U4(vh.lo, j), wx), wx);
+#endif
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    l[rh] += shfl_xor(l[rh], 1, wx);
+    l[rh] += shfl_xor(l[rh], 2, wx);
+  }
+
+#if MODE == 2
+  /* Merge the warps' partial softmax states: weight_w = exp2(m_w - M) / L. */
+  if (tig == 0) {
+    for (int rh = 0; rh < 2; rh++) {
+      part_m[warp * 16 + gid + 8 * rh] = m[rh];
+      part_l[warp * 16 + gid + 8 * rh] = l[rh];
+    }
+  }
+  LBARRIER();
+  float wgt[2];
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    const int r = gid + 8 * rh;
+    float M = -INFINITY, L = 0.0f;
+    for (int w = 0; w < NW; w++) M = fmax(M, part_m[w * 16 + r]);
+    for (int w = 0; w < NW; w++)
+      L += part_m[w * 16 + r] == -INFINITY ? 0.0f : part_l[w * 16 + r] * exp2(part_m[w * 16 + r] - M);
+    wgt[rh] = L > 0.0f && m[rh] != -INFINITY ? exp2(m[rh] - M) / L : 0.0f;
+  }
+#pragma unroll
+  for (int c = 0; c < DVC; c++) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const int r = gid + 8 * (i >> 1), d = 32 * c + 8 * tig + 2 * j + (i & 1);
+        part_o[(warp * 16 + r) * OLD + d] = acc[4 * c + j][i] * wgt[i >> 1];
+      }
+    }
+  }
+  LBARRIER();
+  for (int e = lid; e < 16 * DV; e += WG) {
+    const int r = e / DV, d = e - r * DV, t = rows.tok[r];
+    float sum = 0.0f;
+    for (int w = 0; w < NW; w++) sum += part_o[(w * 16 + r) * OLD + d];
+    if (t >= 0) STORE(O_DT, o, TIDX(o, grp.b, t, rows.hq[r]) + d, sum);
+  }
+#if HAS_LSE
+  for (int r = lid; r < 16; r += WG) {
+    const int t = rows.tok[r];
+    float M = -INFINITY, L = 0.0f;
+    for (int w = 0; w < NW; w++) M = fmax(M, part_m[w * 16 + r]);
+    for (int w = 0; w < NW; w++)
+      L += part_m[w * 16 + r] == -INFINITY ? 0.0f : part_l[w * 16 + r] * exp2(part_m[w * 16 + r] - M);
+    if (t >= 0) lse[TIDX(lse, grp.b, t, rows.hq[r])] = L > 0.0f ? (M + log2(L)) * M_LN2_F : -INFINITY;
+  }
+#else
+  (void)lse, (void)lse_off, (void)lse_s0, (void)lse_s1, (void)lse_s2;
+#endif
+
+#else /* MODE 0/1: each warp writes its own rows */
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    if (tok[rh] < 0) continue;
+    const float inv = l[rh] > 0.0f ? 1.0f / l[rh] : 0.0f;
+    const long base = TIDX(o, grp.b, tok[rh], hq[rh]);
+#pragma unroll
+    for (int c = 0; c < DVC; c++) {
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        STORE(O_DT, o, base + 32 * c + 8 * tig + 2 * j, acc[4 * c + j][2 * rh] * inv);
+        STORE(O_DT, o, base + 32 * c + 8 * tig + 2 * j + 1, acc[4 * c + j][2 * rh + 1] * inv);
+      }
+    }
+#if HAS_LSE
+    if (tig == 0)
+      lse[TIDX(lse, grp.b, tok[rh], hq[rh])] =
+          l[rh] > 0.0f ? (m[rh] + log2(l[rh])) * M_LN2_F : -INFINITY;
+#endif
+  }
+#if !HAS_LSE
+  (void)lse, (void)lse_off, (void)lse_s0, (void)lse_s1, (void)lse_s2;
+#endif
+#endif
+}

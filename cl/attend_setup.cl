@@ -1,0 +1,247 @@
+/* Row and key-set setup shared by the attention forward kernels, cl/attend.cl (portable)
+ * and cl/attend_mma.cl (NVIDIA tensor cores): which query rows a work-group owns and which
+ * keys each of them sees, in the MODE 0 (compressed), 1 (window) and 2 (selected) layouts
+ * described at the top of cl/attend.cl. Prepended to either kernel file by the host
+ * ("attend_setup.cl+attend.cl"), after cl/common.cl.
+ *
+ * Needs MODE, BS, ROWS (rows of the group's tile), WG (work-items), TPG and UCAP
+ * (MODE 2 token packing); the host passes them all as -D options.
+ */
+#ifndef MODE
+#define MODE 1
+#endif
+#ifndef BS
+#define BS 64
+#endif
+#ifndef ROWS
+#define ROWS 16
+#endif
+#ifndef WG
+#define WG 128
+#endif
+#ifndef TPG
+#define TPG 1 /* MODE 2: query tokens per group (G < ROWS), TPG * G <= ROWS, TPG <= 32 */
+#endif
+#ifndef UCAP
+#define UCAP 128 /* MODE 2, TPG > 1: capacity of the block union, TPG * S */
+#endif
+#define MAX_S 128 /* CLNSA_MAX_BLOCK_COUNT */
+
+#if TPG < 1 || TPG > 32 || (TPG > 1 && MODE != 2)
+#error "attend_setup.cl: TPG must be 1 .. 32, and > 1 only in MODE 2"
+#endif
+
+/* A tensor's five kernel arguments, to hand it on to a helper. */
+#define TPASS(t) t, t##_off, t##_s0, t##_s1, t##_s2
+#define LBARRIER() barrier(CLK_LOCAL_MEM_FENCE)
+
+/* What every work-item of a group knows about it. */
+typedef struct attend_group {
+  int b;      /* batch element */
+  int krow0;  /* row of k/v (MODE 1, 2) or k_cmp (MODE 0) where key index 0 lives */
+  int lo, hi; /* union of the rows' key ranges */
+} attend_group;
+
+/* Per-row facts in local memory; rtok < 0 marks a padding row. */
+typedef struct attend_rows {
+  __local int *tok, *hq, *lo, *hi;
+} attend_rows;
+
+/* ------------------------------------------------------------------ row setup */
+
+/* One independent sequence: batch element s, or packed sequence s. */
+typedef struct attend_seq {
+  int b, q0, tq, kstart, cstart, tk;
+} attend_seq;
+
+inline attend_seq locate_seq(__global const int *cu, int nseq, int TQ, int TK, int s) {
+  attend_seq q;
+  if (nseq == 0) {
+    q.b = s, q.q0 = 0, q.tq = TQ, q.kstart = 0, q.cstart = 0, q.tk = TK;
+  } else {
+    __global const int *cuk = cu + nseq + 1, *cuc = cu + 2 * (nseq + 1);
+    q.b = 0, q.q0 = cu[s], q.tq = cu[s + 1] - cu[s];
+    q.kstart = cuk[s], q.tk = cuk[s + 1] - cuk[s], q.cstart = cuc[s];
+  }
+  return q;
+}
+
+/* Key range of a query at position p (MODE 0: complete past blocks; MODE 1: window). */
+inline int2 dense_range(int p, int W) {
+#if MODE == 0
+  (void)W;
+  return (int2)(0, (p + 1) / BS);
+#else
+  return W > 0 ? (int2)(max(0, p - W + 1), p + 1) : (int2)(0, 0);
+#endif
+}
+
+/* MODE 0/1: the group is tile (group id % tiles) of sequence (group id / tiles).
+ * Returns false (for the whole group) when the tile lies past the sequence's rows. */
+inline bool setup_dense(__global const int *cu, int nseq, int TQ, int TK, int G, int h, int W,
+                        int tiles, attend_group *grp, attend_rows rows) {
+  const int s = get_group_id(0) / tiles;
+  const int row0 = (get_group_id(0) - s * tiles) * ROWS;
+  const attend_seq sq = locate_seq(cu, nseq, TQ, TK, s);
+  const int nrows = sq.tq * G, shift = sq.tk - sq.tq;
+  if (row0 >= nrows) return false;
+  const int pfirst = row0 / G + shift, plast = (min(row0 + ROWS, nrows) - 1) / G + shift;
+  grp->b = sq.b;
+  grp->krow0 = MODE == 0 ? sq.cstart : sq.kstart;
+  grp->lo = dense_range(pfirst, W).x;
+  grp->hi = dense_range(plast, W).y;
+  for (int r = get_local_id(0); r < ROWS; r += WG) {
+    const int gr = row0 + r, t = gr / G;
+    const int2 range = dense_range(t + shift, W);
+    const bool ok = gr < nrows;
+    rows.tok[r] = ok ? sq.q0 + t : -1;
+    rows.hq[r] = h * G + gr - t * G;
+    rows.lo[r] = ok ? range.x : 0;
+    rows.hi[r] = ok ? range.y : 0;
+  }
+  return true;
+}
+
+/* MODE 2: the sorted distinct blocks c of the list with 0 <= c <= ic, into list[];
+ * returns their number. tmp[] is scratch. Contains barriers: call from every item. */
+inline int sorted_blocks(CITENSOR(bi), int b, int t, int h, int S, int ic, __local int *list,
+                         __local int *tmp) {
+  const int lid = get_local_id(0);
+  const long row = TIDX(bi, b, t, h);
+  for (int i = lid; i < S; i += WG) {
+    const int c = bi[row + i];
+    list[i] = c >= 0 && c <= ic ? c : -1;
+  }
+  LBARRIER();
+  for (int i = lid; i < S; i += WG) { /* keep the first occurrence of each block */
+    int c = list[i];
+    for (int j = 0; j < i; j++) c = list[j] == c ? -1 : c;
+    tmp[i] = c;
+  }
+  LBARRIER();
+  int n = 0;
+  for (int j = 0; j < S; j++) n += tmp[j] >= 0;
+  for (int i = lid; i < S; i += WG) { /* rank = number of smaller kept blocks */
+    const int c = tmp[i];
+    if (c < 0) continue;
+    int rank = 0;
+    for (int j = 0; j < S; j++) rank += tmp[j] >= 0 && tmp[j] < c;
+    list[rank] = c;
+  }
+  LBARRIER();
+  return n;
+}
+
+/* MODE 2: the group is chunk (group id % tiles) of the G heads of query row
+ * (group id / tiles). Every row sees all of the group's keys. */
+inline void setup_selected(__global const int *cu, int nseq, int B, int TQ, int TK, int G, int h,
+                           int tiles, CITENSOR(bi), int S, attend_group *grp, attend_rows rows,
+                           __local int *list, __local int *tmp) {
+  const int r0 = get_group_id(0) / tiles;
+  const int g0 = (get_group_id(0) - r0 * tiles) * ROWS;
+  const qrow q = locate_query(cu, nseq, B, TQ, TK, r0);
+  const int n = sorted_blocks(TPASS(bi), q.b, q.t, h, S, q.p / BS, list, tmp);
+  grp->b = q.b;
+  grp->krow0 = q.kstart;
+  grp->lo = 0;
+  grp->hi = n == 0 ? 0 : (n - 1) * BS + min(BS, q.p + 1 - list[n - 1] * BS);
+  for (int r = get_local_id(0); r < ROWS; r += WG) {
+    const bool ok = g0 + r < G;
+    rows.tok[r] = ok ? q.t : -1;
+    rows.hq[r] = h * G + g0 + r;
+    rows.lo[r] = 0;
+    rows.hi[r] = ok ? grp->hi : 0;
+  }
+}
+
+#if MODE == 2 && TPG > 1
+/* MODE 2, TPG > 1: the sorted distinct valid blocks of the lists of ntok tokens (token u
+ * at row tok0 + u of bi, position p0 + u) into list[], and into msk[] which tokens list
+ * each; returns their number. cand[] and tmpm[] (UCAP each) are scratch. Contains
+ * barriers: call from every item. */
+inline int union_blocks(CITENSOR(bi), int b, int tok0, int ntok, int p0, int h, int S,
+                        __local int *list, __local uint *msk, __local int *cand,
+                        __local uint *tmpm) {
+  const int lid = get_local_id(0), nc = ntok * S;
+  for (int i = lid; i < nc; i += WG) {
+    const int u = i / S, c = bi[TIDX(bi, b, tok0 + u, h) + (i - u * S)];
+    cand[i] = c >= 0 && c <= (p0 + u) / BS ? c : -1;
+  }
+  LBARRIER();
+  for (int i = lid; i < nc; i += WG) { /* first occurrence of each block: all its tokens */
+    const int c = cand[i];
+    uint m = 0u;
+    bool first = true;
+    for (int u = 0; u < ntok; u++) {
+      const uint bit = 1u << u;
+      for (int j = u * S; j < u * S + S; j++) {
+        const int cj = cand[j];
+        if (cj == c) {
+          m |= bit;
+          if (j < i) first = false;
+        }
+      }
+    }
+    tmpm[i] = c >= 0 && first ? m : 0u;
+  }
+  LBARRIER();
+  int n = 0;
+  for (int j = 0; j < nc; j++) n += tmpm[j] != 0u;
+  for (int i = lid; i < nc; i += WG) { /* rank = number of smaller kept blocks */
+    const uint m = tmpm[i];
+    if (m == 0u) continue;
+    const int c = cand[i];
+    int rank = 0;
+    for (int j = 0; j < nc; j++) rank += tmpm[j] != 0u && cand[j] < c;
+    list[rank] = c;
+    msk[rank] = m;
+  }
+  LBARRIER();
+  return n;
+}
+
+/* MODE 2, TPG > 1: the first token of the group's tile (group id % tiles) of TPG tokens
+ * of sequence (group id / tiles); >= sq->tq when the tile lies past the sequence. */
+inline int selected_tile(__global const int *cu, int nseq, int TQ, int TK, int tiles,
+                         attend_seq *sq) {
+  const int s = get_group_id(0) / tiles;
+  *sq = locate_seq(cu, nseq, TQ, TK, s);
+  return (get_group_id(0) - s * tiles) * TPG;
+}
+
+/* MODE 2, TPG > 1: tokens t0 .. of sequence sq (none when t0 >= sq.tq: the group then
+ * runs with idle rows and no keys: an early return before the barriers gave wrong,
+ * run-to-run varying results on PoCL 3.1, correct ones under Oclgrind). Rows keep their token's index in the group in lo, position + 1 in hi. */
+inline void setup_selected_multi(attend_seq sq, int t0, int G, int h, CITENSOR(bi), int S,
+                                 attend_group *grp, attend_rows rows, __local int *list,
+                                 __local uint *msk, __local int *cand, __local uint *tmpm) {
+  const int ntok = clamp(sq.tq - t0, 0, TPG), p0 = t0 + sq.tk - sq.tq;
+  const int n = union_blocks(TPASS(bi), sq.b, sq.q0 + t0, ntok, p0, h, S, list, msk, cand, tmpm);
+  const int plast = p0 + ntok - 1;
+  grp->b = sq.b;
+  grp->krow0 = sq.kstart;
+  grp->lo = 0;
+  grp->hi = n == 0 ? 0 : (n - 1) * BS + min(BS, plast + 1 - list[n - 1] * BS);
+  for (int r = get_local_id(0); r < ROWS; r += WG) {
+    const int u = r / G;
+    const bool ok = u < ntok;
+    rows.tok[r] = ok ? sq.q0 + t0 + u : -1;
+    rows.hq[r] = h * G + r - u * G;
+    rows.lo[r] = ok ? u : 0;
+    rows.hi[r] = ok ? p0 + u + 1 : 0;
+  }
+}
+#endif
+
+/* ------------------------------------------------------------------ tiles */
+
+/* Row of k/v (or k_cmp/v_cmp) holding key index kidx. */
+inline int key_row(int kidx, int krow0, __local const int *list) {
+#if MODE == 2
+  const int slot = kidx / BS;
+  return krow0 + list[slot] * BS + (kidx - slot * BS);
+#else
+  (void)list;
+  return krow0 + kidx;
+#endif
+}

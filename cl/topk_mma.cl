@@ -1,0 +1,249 @@
+/* Top-k block selection on the tensor cores (NVIDIA, cl/warp_ops.cl): the contract of
+ * cl/topk.cl (semantics section 3) for G = 1, 2, 4, 8 or 16 query heads per kv head, q in
+ * f16 or bf16, k_cmp in q's type or f32 (with bf16 q, split into two bf16 terms as in
+ * cl/attend_mma.cl).
+ *
+ * A warp owns TPW = 16 / G consecutive query tokens of one sequence: its 16 rows (token
+ * u, head g at row u G + g) are one mma tile. It streams the candidate blocks in steps of
+ * KT: S = Q K_cmp^T on the tensor cores (fragments loaded straight from global memory in
+ * the permuted order cl/attend_mma.cl explains), p = exp2(s scale log2 e - lse log2 e)
+ * for the blocks a row may pick (1 .. IC-2 of its token; IC, IC-1 and 0 are forced), and
+ * the G rows of each token summed by butterfly shuffles over the lanes that hold them.
+ * The importances land in local memory, one array of CAP slots per token.
+ * Selection then runs per token, by the whole warp: the forced blocks first, then rounds
+ * of a warp-wide argmax (importance descending, block index ascending on ties; NaN sorts
+ * below every number, +inf is clamped as in cl/topk.cl), each winner marked taken. The n
+ * chosen blocks are written in ascending order, then -1 up to S.
+ * Warps share nothing: the only synchronisation is the warp's own (warp_sync), so a
+ * group of NW warps is just NW independent selections sharing the local-memory budget.
+ */
+#ifndef NW
+#define NW 4
+#endif
+#ifndef GQ
+#define GQ 16 /* query heads per kv head: 1, 2, 4, 8 or 16 */
+#endif
+#ifndef KT
+#define KT 32 /* candidates per step, a multiple of 16 */
+#endif
+#ifndef CAP
+#define CAP 1024 /* candidate slots per token: at least the longest sequence's block count */
+#endif
+#ifndef DK
+#define DK 128
+#endif
+/* BS, the block size, comes with cl/attend_setup.cl (locate_seq), which precedes this. */
+#ifndef Q_DT
+#define Q_DT MMA_DT
+#endif
+#ifndef KC_DT
+#define KC_DT MMA_DT
+#endif
+#define SMAX 128 /* CLNSA_MAX_BLOCK_COUNT */
+
+#if GQ != 1 && GQ != 2 && GQ != 4 && GQ != 8 && GQ != 16
+#error "topk_mma.cl: GQ must be 1, 2, 4, 8 or 16"
+#endif
+#if WG != 32 * NW || KT % 16 || DK % 32
+#error "topk_mma.cl: WG = 32 NW, KT a multiple of 16, DK a multiple of 32"
+#endif
+#if KC_DT != MMA_DT && (KC_DT != 0 || MMA_DT != 2)
+#error "topk_mma.cl: k_cmp is MMA_DT, or f32 with bf16 q"
+#endif
+#if WARP_EMULATE && NW != 1
+#error "topk_mma.cl: the warp emulation runs one warp per group"
+#endif
+
+#define TPW (16 / GQ) /* tokens per warp */
+#define DKC (DK / 32)
+#define NT (KT / 8)
+#define LD8(p, i) (*(__global const uint4 *)((p) + (i)))
+#define KEY_TAKEN (-2.0f) /* below every importance and below NaN's -1 */
+#define IMP_MAX 1.0e30f
+
+inline bool topk_ahead(float ka, int ia, float kb, int ib) {
+  return ka > kb || (ka == kb && ia < ib);
+}
+
+/* 8 k_cmp elements at element index i as bf16/f16 pairs; f32 keeps the rounding residue. */
+typedef struct kpairs {
+  uint4 hi;
+#if KC_DT == 0
+  uint4 lo;
+#endif
+} kpairs;
+
+inline kpairs load_kc8(__global const STORAGE(KC_DT) *p, long i, bool ok) {
+  kpairs r;
+#if KC_DT == 0
+  const float4 x0 = ok ? *(__global const float4 *)(p + i) : (float4)(0.0f);
+  const float4 x1 = ok ? *(__global const float4 *)(p + i + 4) : (float4)(0.0f);
+  const float x[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+  uint hi[4], lo[4];
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    hi[j] = pack2(x[2 * j], x[2 * j + 1]);
+    lo[j] = pack2(x[2 * j] - as_float(hi[j] << 16), x[2 * j + 1] - as_float(hi[j] & 0xffff0000u));
+  }
+  r.hi = (uint4)(hi[0], hi[1], hi[2], hi[3]);
+  r.lo = (uint4)(lo[0], lo[1], lo[2], lo[3]);
+#else
+  r.hi = ok ? LD8(p, i) : (uint4)(0u);
+#endif
+  return r;
+}
+
+/* Per-token facts every lane can compute: position, own block, how many to keep. */
+typedef struct topk_token {
+  bool valid;
+  int row, ic, n, forced;
+} topk_token;
+
+inline topk_token token_facts(attend_seq sq, int t, int h, CITENSOR(bc), int has_counts, int S) {
+  topk_token k;
+  k.valid = t < sq.tq;
+  k.row = sq.q0 + min(t, max(sq.tq - 1, 0));
+  const int p = t + sq.tk - sq.tq;
+  k.ic = k.valid ? p / BS : 0;
+  int count = S;
+  if (k.valid && has_counts) count = clamp(bc[TIDX(bc, sq.b, k.row, h)], 0, S);
+  k.n = min(count, k.ic + 1);
+  k.forced = min(k.ic + 1, 3);
+  return k;
+}
+
+/* Grid: (sequences * tiles * WG, H); tiles = ceil(tokens of the longest sequence / (NW TPW)). */
+__kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
+    CTENSOR(Q_DT, q), CTENSOR(KC_DT, kc), CTENSOR(0, lse), CITENSOR(bc), ITENSOR(bi),
+    int has_counts, int S, int block_size, int G, float scale, SEQ_ARGS, int tiles) {
+  __local float imp_l[NW * TPW * CAP];
+  __local int chosen_l[NW * SMAX];
+  WARP_SCRATCH(wx);
+  (void)block_size, (void)G, (void)B, (void)NB, (void)HQ; /* BS and GQ are compiled in */
+  const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5, gid = lane >> 2, tig = lane & 3;
+  const int h = get_group_id(1), s = get_group_id(0) / tiles;
+  const attend_seq sq = locate_seq(cu, nseq, TQ, TK, s);
+  const int tok0 = ((get_group_id(0) - s * tiles) * NW + warp) * TPW;
+  __local float *imp = imp_l + warp * TPW * CAP;
+  __local int *chosen = chosen_l + warp * SMAX;
+
+  /* This lane's rows gid and gid + 8: their tokens, q fragments, lse in log2 units. */
+  topk_token tk[2];
+  float lse2[2];
+  uint4 qf[DKC][2];
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    const int r = gid + 8 * rh, g = r % GQ;
+    tk[rh] = token_facts(sq, tok0 + r / GQ, h, TPASS(bc), has_counts, S);
+    const long qrow = TIDX(q, sq.b, tk[rh].row, h * GQ + g);
+    lse2[rh] = tk[rh].valid ? lse[TIDX(lse, sq.b, tk[rh].row, h * GQ + g)] * M_LOG2E_F : 0.0f;
+#pragma unroll
+    for (int c = 0; c < DKC; c++)
+      qf[c][rh] = tk[rh].valid ? LD8(q, qrow + 32 * c + 8 * tig) : (uint4)(0u);
+  }
+  /* Candidates the warp scores: 1 .. c_hi - 1, c_hi the largest IC - 1 of a token that
+   * competes (forced < n < IC + 1). */
+  int c_hi = 0;
+  for (int u = 0; u < TPW; u++) {
+    const topk_token k = token_facts(sq, tok0 + u, h, TPASS(bc), has_counts, S);
+    if (k.valid && k.n > k.forced && k.n < k.ic + 1) c_hi = max(c_hi, k.ic - 1);
+  }
+
+  const float sl2 = scale * M_LOG2E_F;
+  for (int c0 = 0; c0 < c_hi; c0 += KT) {
+    float sc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      const int c = c0 + 8 * nt + gid;
+      const long at = TIDX(kc, sq.b, sq.cstart + min(c, c_hi - 1), h) + 8 * tig;
+      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+      for (int cc = 0; cc < DKC; cc++) {
+        const kpairs w = load_kc8(kc, at + 32 * cc, c < c_hi);
+        const uint4 a = qf[cc][0], b = qf[cc][1];
+        mma_16816(sc[nt], a.x, b.x, a.y, b.y, w.hi.x, w.hi.y, wx);
+        mma_16816(sc[nt], a.z, b.z, a.w, b.w, w.hi.z, w.hi.w, wx);
+#if KC_DT == 0
+        mma_16816(sc[nt], a.x, b.x, a.y, b.y, w.lo.x, w.lo.y, wx);
+        mma_16816(sc[nt], a.z, b.z, a.w, b.w, w.lo.z, w.lo.w, wx);
+#endif
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      float p[4];
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const int rh = i >> 1, c = c0 + 8 * nt + 2 * tig + (i & 1);
+        const bool in = tk[rh].valid && c >= 1 && c < tk[rh].ic - 1;
+        p[i] = in ? exp2(sc[nt][i] * sl2 - lse2[rh]) : 0.0f;
+      }
+      /* sum over the G rows of each token: lanes whose gid differs in its low bits */
+#if GQ == 16
+      p[0] += p[2], p[1] += p[3];
+#pragma unroll
+      for (int m = 4; m <= 16; m <<= 1) {
+        p[0] += shfl_xor(p[0], m, wx);
+        p[1] += shfl_xor(p[1], m, wx);
+      }
+#else
+#pragma unroll
+      for (int m = 4; m < 4 * GQ; m <<= 1) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) p[i] += shfl_xor(p[i], m, wx);
+      }
+#endif
+      if (gid % GQ == 0) {
+#pragma unroll
+        for (int i = 0; i < (GQ == 16 ? 2 : 4); i++) {
+          const int rh = i >> 1, c = c0 + 8 * nt + 2 * tig + (i & 1);
+          if (c >= 1 && c < tk[rh].ic - 1 && tk[rh].valid)
+            imp[((gid + 8 * rh) / GQ) * CAP + c] = isnan(p[i]) ? -1.0f : fmin(p[i], IMP_MAX);
+        }
+      }
+    }
+  }
+  warp_sync(wx);
+
+  /* Selection, one token at a time (uniform over the warp). */
+  for (int u = 0; u < TPW; u++) {
+    const topk_token k = token_facts(sq, tok0 + u, h, TPASS(bc), has_counts, S);
+    if (!k.valid) continue;
+    __global int *out = bi + TIDX(bi, sq.b, k.row, h);
+    if (k.n == k.ic + 1) { /* every block is kept */
+      for (int j = lane; j < S; j += 32) out[j] = j < k.n ? j : -1;
+      continue;
+    }
+    const int m = min(k.n, k.forced);
+    if (lane < m) chosen[lane] = lane == 0 ? k.ic : lane == 1 ? k.ic - 1 : 0;
+    __local float *key = imp + u * CAP;
+    for (int round = m; round < k.n; round++) {
+      float bk = -3.0f;
+      int bc_ = 0x7fffffff;
+      for (int c = 1 + lane; c < k.ic - 1; c += 32) {
+        const float kv = key[c];
+        if (topk_ahead(kv, c, bk, bc_)) bk = kv, bc_ = c;
+      }
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float ok = shfl_xor(bk, off, wx);
+        const int oc = as_int(shfl_xor(as_float(bc_), off, wx));
+        if (topk_ahead(ok, oc, bk, bc_)) bk = ok, bc_ = oc;
+      }
+      if (lane == 0) {
+        chosen[round] = bc_;
+        key[bc_] = KEY_TAKEN;
+      }
+      warp_sync(wx);
+    }
+    warp_sync(wx);
+    for (int i = lane; i < k.n; i += 32) { /* ascending order */
+      const int c = chosen[i];
+      int pos = 0;
+      for (int t = 0; t < k.n; t++) pos += chosen[t] < c;
+      out[pos] = c;
+    }
+    for (int j = k.n + lane; j < S; j += 32) out[j] = -1;
+    warp_sync(wx);
+  }
+}

@@ -1,0 +1,105 @@
+/* Whether a context may use the tensor-core kernels (cl/warp_ops.cl and its callers).
+ *
+ * Hardware path: NVIDIA devices only, and only after cl/mma_probe.cl built and gave the
+ * results the PTX fragment layouts predict, for f16 and for bf16. The probe runs once per
+ * context, at its first use of a kernel with a tensor-core variant.
+ * Emulated path (CLNSA_TUNE=MMA=2): the same kernels with the warp instructions emulated
+ * through local memory, on any device; slow, for the tests that keep the fast path's
+ * layouts checked on CPUs. CLNSA_TUNE=MMA=0 turns the fast path off.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define VENDOR_NVIDIA 0x10DEu
+
+static float probe_a(int r, int k) { return (float)((r * 3 + k * 5) % 7 - 3); }
+static float probe_b(int k, int n) { return (float)((k * 2 + n * 3) % 5 - 2); }
+
+/* Bits of a float that is exact in the 16-bit type (the probe's values all are). */
+static uint32_t bits16(float x, clnsa_dtype dt) {
+  if (dt == CLNSA_BF16) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u >> 16;
+  }
+  if (x == 0.0f) return 0;
+  uint32_t sign = x < 0 ? 0x8000u : 0u;
+  int e;
+  float m = frexpf(fabsf(x), &e); /* |x| = m 2^e, m in [0.5, 1) */
+  return sign | (uint32_t)(e - 1 + 15) << 10 | (uint32_t)((m * 2.0f - 1.0f) * 1024.0f);
+}
+
+static bool probe_matches(const float *out, clnsa_dtype dt) {
+  for (int lane = 0; lane < 32; lane++) {
+    const int gid = lane >> 2, tig = lane & 3;
+    const float *o = out + 8 * lane;
+    for (int i = 0; i < 4; i++) {
+      const int row = gid + 8 * (i >> 1), col = 2 * tig + (i & 1);
+      float want = (float)(i + 1);
+      for (int k = 0; k < 16; k++) want += probe_a(row, k) * probe_b(k, col);
+      if (o[i] != want) return false;
+    }
+    uint32_t t, p;
+    memcpy(&t, &o[4], sizeof t);
+    memcpy(&p, &o[6], sizeof p);
+    const uint32_t t_want = bits16((float)(2 * tig * 8 + gid), dt) |
+                            bits16((float)((2 * tig + 1) * 8 + gid), dt) << 16;
+    const uint32_t p_want = bits16(1.5f, dt) | bits16(-2.0f, dt) << 16;
+    if (t != t_want || o[5] != (float)(lane ^ 5) || p != p_want) return false;
+  }
+  return true;
+}
+
+/* Builds and runs the probe for one 16-bit type; *ok tells whether it matched. Errors of
+ * the OpenCL calls are reported as such; a probe that does not build is just "not ok". */
+static clnsa_status probe_run(clnsa_context *ctx, clnsa_dtype dt, bool emulate, bool *ok) {
+  build_options opt = {{0}, 0};
+  options_add(&opt, "-DMMA_DT=%d -DWARP_EMULATE=%d", (int)dt, emulate ? 1 : 0);
+  cl_kernel kern;
+  *ok = false;
+  if (program_kernel(ctx, "warp_ops.cl+mma_probe.cl", opt.text, "mma_probe", &kern) !=
+      CLNSA_SUCCESS)
+    return CLNSA_SUCCESS;
+  float out[32 * 8];
+  cl_int err;
+  cl_mem buf = clCreateBuffer(ctx->cl, CL_MEM_WRITE_ONLY, sizeof out, NULL, &err);
+  if (err != CL_SUCCESS) return clnsa_cl_fail(ctx, err, "clCreateBuffer(mma probe)");
+  size_t global = 32, local = 32;
+  err = clSetKernelArg(kern, 0, sizeof buf, &buf);
+  if (err == CL_SUCCESS)
+    err = clEnqueueNDRangeKernel(ctx->queue, kern, 1, NULL, &global, &local, 0, NULL, NULL);
+  if (err == CL_SUCCESS)
+    err = clEnqueueReadBuffer(ctx->queue, buf, CL_TRUE, 0, sizeof out, out, 0, NULL, NULL);
+  clReleaseMemObject(buf);
+  if (err != CL_SUCCESS) return clnsa_cl_fail(ctx, err, "running the mma probe");
+  *ok = probe_matches(out, dt);
+  return CLNSA_SUCCESS;
+}
+
+clnsa_status mma_mode(clnsa_context *ctx, int *mode) {
+  const int want = tuning_env_int("MMA", -1, 0);
+  if (want == 0 || (want < 0 && ctx->info.vendor_id != VENDOR_NVIDIA)) {
+    *mode = MMA_OFF;
+    return CLNSA_SUCCESS;
+  }
+  const bool emulate = want == 2;
+  int *state = emulate ? &ctx->mma_emulated : &ctx->mma_hardware;
+  if (*state == 0) {
+    bool f16 = false, bf16 = false;
+    CHECK_STATUS(probe_run(ctx, CLNSA_F16, emulate, &f16));
+    if (f16) CHECK_STATUS(probe_run(ctx, CLNSA_BF16, emulate, &bf16));
+    *state = f16 && bf16 ? 1 : -1;
+  }
+  *mode = *state > 0 ? (emulate ? MMA_EMULATED : MMA_HARDWARE) : MMA_OFF;
+  return CLNSA_SUCCESS;
+}
+
+clnsa_mma clnsa_context_tensor_cores(clnsa_context *ctx) {
+  int mode = MMA_OFF;
+  if (!ctx || mma_mode(ctx, &mode) != CLNSA_SUCCESS) return CLNSA_MMA_NONE;
+  return mode == MMA_HARDWARE ? CLNSA_MMA_NVIDIA : mode == MMA_EMULATED ? CLNSA_MMA_EMULATED
+                                                                          : CLNSA_MMA_NONE;
+}
