@@ -6,14 +6,19 @@
  *
  * Warps. A work-group is NW warps of 32. A warp computes a 16-row tile, S = Q K^T, with
  * mma.m16n8k16: 16 rows x 8 keys x 16 dims per instruction.
- *  - MODE 0/1: warp w owns rows 16w .. 16w+15 of the group's ROWS = 16 NW rows and walks
- *    the keys its own rows see; the warps share K/V tiles through L1.
+ *  - MODE 0/1: warp w owns rows 16w .. 16w+15 of the group's ROWS = 16 NW rows. The group
+ *    walks the union of its rows' keys; each K/V tile is staged in local memory once
+ *    (coalesced 16-byte loads, f32 split there into bf16 hi/lo) and every warp reads its
+ *    fragments from it (STAGE). Without the staging every warp fetched every tile itself:
+ *    on an H200 the compressed branch then moved ~7 TB/s through L2, its limit.
  *  - MODE 2: the group has 16 rows (one token's heads, or TPG tokens), and the warps split
  *    its key set: warp w takes key tiles w, w + NW, ... Each keeps its own softmax state;
  *    the partial outputs are merged in local memory at the end (flash-decoding style).
  *
- * No local memory in the main loop. Every operand is read straight from global memory
- * into the register layout of an mma fragment, in 16-byte loads:
+ * MODE 2 uses no local memory in the main loop (a token's blocks serve its 16 rows only):
+ * every operand is read straight from global memory into the register layout of an mma
+ * fragment, in 16-byte loads. The staged tiles of MODE 0/1 keep the same layout, so the
+ * fragment reads are the same 16-byte units from local memory:
  *  - K: lane (gid, tig) loads k[key gid][32c + 8tig .. 32c + 8tig + 7]; its words 2s and
  *    2s+1 are the B fragment (b0, b1) of k-step s of chunk c. That numbers the 16 dims of
  *    a k-step in a permuted order; Q is loaded with the same permutation (q[row][32c + 8tig
@@ -55,6 +60,9 @@
 #ifndef VEARLY
 #define VEARLY 0 /* 1: a tile's V loads are issued with its K loads, before S = Q K^T */
 #endif
+#ifndef STAGE /* 1: the group stages each K/V tile in local memory once for all its warps */
+#define STAGE (MODE != 2)
+#endif
 #ifndef Q_DT
 #define Q_DT MMA_DT
 #endif
@@ -77,6 +85,9 @@
 #if (K_DT != MMA_DT && (K_DT != 0 || MMA_DT != 2)) || (V_DT != MMA_DT && (V_DT != 0 || MMA_DT != 2))
 #error "attend_mma.cl: k and v are MMA_DT, or f32 (split into two bf16 terms) with bf16 q"
 #endif
+#if STAGE && MODE == 2
+#error "attend_mma.cl: STAGE is for MODE 0/1, whose warps walk the same keys"
+#endif
 #if WARP_EMULATE && NW != 1
 #error "attend_mma.cl: the warp emulation runs one warp per group"
 #endif
@@ -86,6 +97,10 @@
 #define NT (KT / 8)   /* 8-key column tiles of S */
 #define KSTEPS (KT / 16)
 #define OLD (DV + 4) /* row stride of the merge buffer (MODE 2) */
+/* Row strides of the staged K/V tiles in 16-byte units: 64 bytes of padding put the 8
+ * rows a quarter-warp reads (lanes gid 0-1 x tig 0-3) in distinct banks. */
+#define KLD8 (DK / 8 + 4)
+#define VLD8 (DV / 8 + 4)
 
 #define U4(v, j) ((j) == 0 ? (v).x : (j) == 1 ? (v).y : (j) == 2 ? (v).z : (v).w)
 /* 8 elements (16 bytes) at element index i of a 16-bit tensor; i is a multiple of 8. */
@@ -171,6 +186,15 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   __local int list[1];
   __local uint msk[1];
 #endif
+#if STAGE
+  __local uint4 kst[KT * KLD8], vst[KT * VLD8];
+#if K_DT == 0
+  __local uint4 kst_lo[KT * KLD8];
+#endif
+#if V_DT == 0
+  __local uint4 vst_lo[KT * VLD8];
+#endif
+#endif
   WARP_SCRATCH(wx);
   const attend_rows rows = {rtok, rhq, rlo, rhi};
   const int h = get_group_id(1), G = HQ / H, lid = get_local_id(0);
@@ -199,6 +223,8 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   }
 #if MODE == 2
   const int khi = grp.hi, kfirst = warp * KT, kstep = NW * KT;
+#elif STAGE
+  const int khi = grp.hi, kfirst = grp.lo, kstep = KT; /* uniform over the group */
 #else
   int klo = grp.hi, khi = grp.lo;
   for (int r = rbase; r < rbase + 16; r++) {
@@ -224,8 +250,30 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   for (int n = 0; n < DVC * 4; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 
   for (int k0 = kfirst; k0 < khi; k0 += kstep) {
+#if STAGE
+    LBARRIER(); /* the previous tile's readers are done */
+    for (int i = lid; i < KT * (DK / 8); i += WG) {
+      const int j = i / (DK / 8), u = i - j * (DK / 8), kidx = k0 + j;
+      const long at = TIDX(k, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h);
+      const pairs8 w = LOAD8(K_DT, k, at + 8 * u, kidx < khi);
+      kst[j * KLD8 + u] = w.hi;
+#if K_DT == 0
+      kst_lo[j * KLD8 + u] = w.lo;
+#endif
+    }
+    for (int i = lid; i < KT * (DV / 8); i += WG) {
+      const int j = i / (DV / 8), u = i - j * (DV / 8), kidx = k0 + j;
+      const long at = TIDX(v, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h);
+      const pairs8 w = LOAD8(V_DT, v, at + 8 * u, kidx < khi);
+      vst[j * VLD8 + u] = w.hi;
+#if V_DT == 0
+      vst_lo[j * VLD8 + u] = w.lo;
+#endif
+    }
+    LBARRIER();
+#endif
     /* V rows of the tile: keys k0 + 16 ks + gid (lo) and + 8 (hi) */
-#if VEARLY
+#if VEARLY && !STAGE
     pairs8 vlo[KSTEPS][DVC], vhi[KSTEPS][DVC];
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ks++) {
@@ -243,11 +291,21 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     float s[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
+      pairs8 kw[DKC];
+#if STAGE
+#pragma unroll
+      for (int c = 0; c < DKC; c++) {
+        kw[c].hi = kst[(8 * nt + gid) * KLD8 + 4 * c + tig];
+#if K_DT == 0
+        kw[c].lo = kst_lo[(8 * nt + gid) * KLD8 + 4 * c + tig];
+#endif
+      }
+#else
       const int kidx = k0 + 8 * nt + gid;
       const long at = TIDX(k, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h) + 8 * tig;
-      pairs8 kw[DKC];
 #pragma unroll
       for (int c = 0; c < DKC; c++) kw[c] = LOAD8(K_DT, k, at + 32 * c, kidx < khi);
+#endif
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
       for (int c = 0; c < DKC; c++) {
@@ -303,14 +361,22 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
       const uint a0 = pack2(s[2 * ks][0], s[2 * ks][1]), a1 = pack2(s[2 * ks][2], s[2 * ks][3]);
       const uint a2 = pack2(s[2 * ks + 1][0], s[2 * ks + 1][1]);
       const uint a3 = pack2(s[2 * ks + 1][2], s[2 * ks + 1][3]);
-#if !VEARLY
+#if !VEARLY && !STAGE
       const int klo8 = k0 + 16 * ks + gid, khi8 = klo8 + 8;
       const long atl = TIDX(v, grp.b, key_row(min(klo8, khi - 1), grp.krow0, list), h) + 8 * tig;
       const long ath = TIDX(v, grp.b, key_row(min(khi8, khi - 1), grp.krow0, list), h) + 8 * tig;
 #endif
 #pragma unroll
       for (int c = 0; c < DVC; c++) {
-#if VEARLY
+#if STAGE
+        pairs8 vl, vh;
+        vl.hi = vst[(16 * ks + gid) * VLD8 + 4 * c + tig];
+        vh.hi = vst[(16 * ks + 8 + gid) * VLD8 + 4 * c + tig];
+#if V_DT == 0
+        vl.lo = vst_lo[(16 * ks + gid) * VLD8 + 4 * c + tig];
+        vh.lo = vst_lo[(16 * ks + 8 + gid) * VLD8 + 4 * c + tig];
+#endif
+#elif VEARLY
         const pairs8 vl = vlo[ks][c], vh = vhi[ks][c];
 #else
         const pairs8 vl = LOAD8(V_DT, v, atl + 32 * c, klo8 < khi);

@@ -14,8 +14,11 @@
  * of a warp-wide argmax (importance descending, block index ascending on ties; NaN sorts
  * below every number, +inf is clamped as in cl/topk.cl), each winner marked taken. The n
  * chosen blocks are written in ascending order, then -1 up to S.
- * Warps share nothing: the only synchronisation is the warp's own (warp_sync), so a
- * group of NW warps is just NW independent selections sharing the local-memory budget.
+ * The NW warps of a group score consecutive tokens against the same candidates, so the
+ * group stages each tile of k_cmp in local memory once (coalesced 16-byte loads; f32 split
+ * into hi and lo there) and every warp reads its B fragments from it: without that every
+ * warp fetched every tile (4x the L2 traffic). The selection is the warp's own
+ * (warp_sync only).
  */
 #ifndef NW
 #define NW 4
@@ -55,6 +58,7 @@
 #endif
 
 #define TPW (16 / GQ) /* tokens per warp */
+#define KLD8 (DK / 8 + 4) /* staged row stride in 16-byte units: 64 bytes of bank padding */
 #define DKC (DK / 32)
 #define NT (KT / 8)
 #define LD8(p, i) (*(__global const uint4 *)((p) + (i)))
@@ -118,6 +122,11 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
     int has_counts, int S, int block_size, int G, float scale, SEQ_ARGS, int tiles) {
   __local float imp_l[NW * TPW * CAP];
   __local int chosen_l[NW * SMAX];
+  __local uint4 kst[KT * KLD8];
+#if KC_DT == 0
+  __local uint4 kst_lo[KT * KLD8];
+#endif
+  __local int chi_l[NW];
   WARP_SCRATCH(wx);
   (void)block_size, (void)G, (void)B, (void)NB, (void)HQ; /* BS and GQ are compiled in */
   const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5, gid = lane >> 2, tig = lane & 3;
@@ -149,17 +158,36 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
     if (k.valid && k.n > k.forced && k.n < k.ic + 1) c_hi = max(c_hi, k.ic - 1);
   }
 
+  /* the group walks the largest of its warps' ranges */
+  if (lane == 0) chi_l[warp] = c_hi;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  int g_hi = 0;
+  for (int w = 0; w < NW; w++) g_hi = max(g_hi, chi_l[w]);
+
   const float sl2 = scale * M_LOG2E_F;
-  for (int c0 = 0; c0 < c_hi; c0 += KT) {
+  for (int c0 = 0; c0 < g_hi; c0 += KT) {
+    barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile's readers are done */
+    for (int i = lid; i < KT * (DK / 8); i += WG) {
+      const int j = i / (DK / 8), u = i - j * (DK / 8), c = c0 + j;
+      const kpairs w = load_kc8(kc, TIDX(kc, sq.b, sq.cstart + min(c, g_hi - 1), h) + 8 * u,
+                                c < g_hi);
+      kst[j * KLD8 + u] = w.hi;
+#if KC_DT == 0
+      kst_lo[j * KLD8 + u] = w.lo;
+#endif
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
     float sc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
-      const int c = c0 + 8 * nt + gid;
-      const long at = TIDX(kc, sq.b, sq.cstart + min(c, c_hi - 1), h) + 8 * tig;
       sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
 #pragma unroll
       for (int cc = 0; cc < DKC; cc++) {
-        const kpairs w = load_kc8(kc, at + 32 * cc, c < c_hi);
+        kpairs w;
+        w.hi = kst[(8 * nt + gid) * KLD8 + 4 * cc + tig];
+#if KC_DT == 0
+        w.lo = kst_lo[(8 * nt + gid) * KLD8 + 4 * cc + tig];
+#endif
         const uint4 a = qf[cc][0], b = qf[cc][1];
         mma_16816(sc[nt], a.x, b.x, a.y, b.y, w.hi.x, w.hi.y, wx);
         mma_16816(sc[nt], a.z, b.z, a.w, b.w, w.hi.z, w.hi.w, wx);

@@ -13,6 +13,7 @@ enum { MODE_COMPRESSED = 0, MODE_WINDOW = 1, MODE_SELECTED = 2 };
 typedef struct attend_config {
   int rows, kt, wg, kw, dw;
   int tpg, ucap; /* selected branch: query tokens per group, capacity of their block union */
+  int vearly;    /* tensor-core kernel: V loads issued with K loads */
 } attend_config;
 
 static int pow2_floor(long x) {
@@ -159,12 +160,19 @@ static bool attend_mma_fits(const nsa_dims *d, const clnsa_tensor *q, const clns
 /* Warps per group and keys per step of cl/attend_mma.cl; rows and token packing as in
  * attend_tokens (16 rows: one mma tile). Returns false where local memory is short. */
 static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d, bool emulate,
-                                 bool split, attend_config *c) {
-  const int nw = emulate ? 1 : tuning_env_int("MMA_NW", 4, 1);
+                                 bool k32, bool v32, attend_config *c) {
+  const bool split = k32 || v32;
+  /* warps per group: MMA_NW for the selected branch (they split one token's keys),
+   * MMA_NWD for compressed and window (each owns 16 rows; they share the staged tiles) */
+  const int nw = emulate ? 1 : tuning_env_int(mode == MODE_SELECTED ? "MMA_NW" : "MMA_NWD", 4, 1);
   c->wg = 32 * nw;
-  /* 32 keys per step: 176 registers at D = 128 (ptxas for sm_90, tools/ptx_check.sh); the
-   * f32 split doubles the K/V fragments, and 16 keys keep it there (32 need all 255). */
-  c->kt = tuning_env_int("MMA_KT", split ? 16 : 32, 16);
+  /* Selected branch: keys per step and early V loads, from H200 runs (bf16, D=128, G=16,
+   * 8k): 32 keys 3.02 ms, 16 keys 2.15 ms, 16 keys with the tile's V loads issued before
+   * S = Q K^T 2.08 ms (ptxas: 204 registers, no spills); the f32 split doubles the K/V
+   * fragments, and early V would need 255 registers. Compressed and window stage each
+   * tile in local memory: 32 keys (16 with the split) keep it near 21 KiB. */
+  c->kt = tuning_env_int("MMA_KT", mode == MODE_SELECTED || split ? 16 : 32, 16);
+  c->vearly = mode == MODE_SELECTED ? tuning_env_int("VEARLY", split ? 0 : 1, 0) : 0;
   c->kw = c->dw = 0;
   c->tpg = 1, c->ucap = 0;
   c->rows = mode == MODE_SELECTED ? 16 : 16 * nw;
@@ -179,6 +187,10 @@ static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d
     bytes += 4 * (2 * (size_t)nw * 16 + merge);
     bytes += c->tpg > 1 ? 8 * (size_t)c->ucap * (2 * (size_t)c->ucap > merge ? 2 : 1)
                         : 8 * (size_t)CLNSA_MAX_BLOCK_COUNT;
+  } else { /* staged K/V tiles, rows padded by 64 bytes; f32 values kept as hi and lo */
+    const size_t kt = (size_t)c->kt;
+    bytes += 16 * kt * (size_t)(d->DK / 8 + 4) * (k32 ? 2 : 1);
+    bytes += 16 * kt * (size_t)(d->DV / 8 + 4) * (v32 ? 2 : 1);
   }
   if (emulate) bytes += 4 * 32 * 6;
   return c->kt % 16 == 0 && (size_t)c->wg <= ctx->info.max_wg &&
@@ -197,16 +209,16 @@ static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims 
     return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED, "attend_fwd: more than 2^31 query rows");
   int mma = MMA_OFF;
   if (attend_mma_fits(d, q, k, v)) CHECK_STATUS(mma_mode(ctx, &mma));
-  attend_config cfg;
+  attend_config cfg = {0};
   build_options opt = {{0}, 0};
   const char *file = "attend_setup.cl+attend.cl", *name = "attend_fwd";
-  const bool split = k->dtype == CLNSA_F32 || v->dtype == CLNSA_F32;
-  if (mma != MMA_OFF && attend_mma_configure(ctx, mode, d, mma == MMA_EMULATED, split, &cfg)) {
+  if (mma != MMA_OFF && attend_mma_configure(ctx, mode, d, mma == MMA_EMULATED,
+                                              k->dtype == CLNSA_F32, v->dtype == CLNSA_F32, &cfg)) {
     file = "warp_ops.cl+attend_setup.cl+attend_mma.cl", name = "attend_mma_fwd";
     options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DNW=%d", mode,
                 d->DK, d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.wg / 32);
-    options_add(&opt, " -DMMA_DT=%d -DWARP_EMULATE=%d -DHAS_LSE=%d", (int)q->dtype,
-                mma == MMA_EMULATED, lse ? 1 : 0);
+    options_add(&opt, " -DMMA_DT=%d -DWARP_EMULATE=%d -DHAS_LSE=%d -DVEARLY=%d", (int)q->dtype,
+                mma == MMA_EMULATED, lse ? 1 : 0, cfg.vearly);
   } else {
     /* the portable kernel; tuning_attend sizes its f32 local tiles */
     CHECK_STATUS(attend_configure(ctx, mode, d, &cfg));

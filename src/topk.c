@@ -83,7 +83,7 @@ static clnsa_status topk_tune(clnsa_context *ctx, int dk, int g, topk_tuning *t)
  * candidate block in local memory (NW shrinks to fit). Returns the warps per group, or 0
  * where the portable kernel runs. */
 static int topk_mma_warps(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
-                          const clnsa_tensor *k_cmp, bool emulate, int *cap) {
+                          const clnsa_tensor *k_cmp, bool emulate, int kt, int *cap) {
   const clnsa_dtype dt = q->dtype;
   const int G = d->G;
   if (!((dt == CLNSA_F16 || dt == CLNSA_BF16) &&
@@ -94,9 +94,11 @@ static int topk_mma_warps(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
   const int tk = d->seqs ? d->seqs->max_k : d->TK;
   *cap = (tk + d->BS - 1) / d->BS;
   if (*cap < 1) *cap = 1;
+  /* the staged k_cmp tile (rows padded by 64 bytes; f32 kept as hi and lo) */
+  const size_t stage = 16 * (size_t)kt * (size_t)(d->DK / 8 + 4) * (k_cmp->dtype == CLNSA_F32 ? 2 : 1);
   for (int nw = emulate ? 1 : 4; nw >= 1; nw /= 2) {
     const size_t bytes = 4 * ((size_t)nw * (16 / G) * (size_t)*cap + (size_t)nw * TOPK_LIST_MAX) +
-                         (emulate ? 4 * 32 * 6 : 0) + 1024;
+                         4 * (size_t)nw + stage + (emulate ? 4 * 32 * 6 : 0) + 1024;
     if (bytes <= (size_t)ctx->info.local_mem && (size_t)(32 * nw) <= ctx->info.max_wg) return nw;
   }
   return 0;
@@ -107,8 +109,11 @@ clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
                           const clnsa_tensor *block_counts, const clnsa_tensor *block_indices,
                           enqueue_chain *c) {
   int mma = MMA_OFF, cap = 0, nw = 0;
+  /* 32 candidates per step: 99 registers and 39 KiB of local memory with f32 k_cmp at
+   * T = 65536 (tools/ptx_check.sh); 64 would need 58 KiB */
+  const int kt = tuning_env_int("TOPK_KT", 32, 16);
   if (q->dtype != CLNSA_F32) CHECK_STATUS(mma_mode(ctx, &mma));
-  if (mma != MMA_OFF) nw = topk_mma_warps(ctx, d, q, k_cmp, mma == MMA_EMULATED, &cap);
+  if (mma != MMA_OFF) nw = topk_mma_warps(ctx, d, q, k_cmp, mma == MMA_EMULATED, kt, &cap);
   build_options o = {{0}, 0};
   size_t local[2] = {1, 1}, global[2] = {1, (size_t)d->H};
   const char *file = "topk.cl", *name = "topk_select";
@@ -120,8 +125,7 @@ clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
     tiles = (cl_int)((maxq + (size_t)per - 1) / (size_t)per);
     file = "warp_ops.cl+attend_setup.cl+topk_mma.cl", name = "topk_mma_select";
     options_add(&o, "-DDK=%d -DWG=%d -DNW=%d -DGQ=%d -DCAP=%d -DBS=%d -DKT=%d -DMMA_DT=%d",
-                d->DK, 32 * nw, nw, d->G, cap, d->BS, tuning_env_int("TOPK_KT", 32, 16),
-                (int)q->dtype);
+                d->DK, 32 * nw, nw, d->G, cap, d->BS, kt, (int)q->dtype);
     options_add(&o, " -DWARP_EMULATE=%d", mma == MMA_EMULATED);
     local[0] = (size_t)(32 * nw);
     global[0] = nseg * (size_t)tiles * local[0];
