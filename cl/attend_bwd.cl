@@ -507,30 +507,6 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void bwd_dkdv_wind
   dkdv_store(nk, (long)sp.b * TQ + sp.t0 + u0, h, H, scale, ws + dk_off, ws + dv_off, ak, av);
 }
 
-/* Expands words [w0, min(w0 + MASK_WORDS, wend)) of a selection-mask row (bit x of word w:
- * token 32 w + x selected the block) into list[], in increasing token order; returns the
- * count. Starts and ends with a barrier. */
-inline int mask_expand(__global const uint *mrow, int w0, int wend, __local uint *words,
-                       __local int *list) {
-  const int lid = get_local_id(0);
-  barrier(CLK_LOCAL_MEM_FENCE); /* the previous list consumed */
-  if (lid < MASK_WORDS) words[lid] = w0 + lid < wend ? mrow[w0 + lid] : 0u;
-  barrier(CLK_LOCAL_MEM_FENCE);
-  int before = 0, n = 0;
-  for (int w = 0; w < MASK_WORDS; w++) {
-    const int c = (int)popcount(words[w]);
-    before += w < lid ? c : 0;
-    n += c;
-  }
-  if (lid < MASK_WORDS) {
-    const uint bits = words[lid];
-    for (int x = 0; x < 32; x++)
-      if ((bits >> x) & 1u) list[before++] = (w0 + lid) * 32 + x;
-  }
-  barrier(CLK_LOCAL_MEM_FENCE);
-  return n;
-}
-
 /* Selected branch: a work-group owns KKEYS keys of the block of one chunk of a selection
  * row (cl/select_mask.cl: row = (kv head, block), chunk = a run of mask words holding
  * about SEL_CHUNK of the tokens that selected the block) and walks those tokens, all G

@@ -13,6 +13,9 @@
  *   bwd_dq_window        (+=) /
  *   bwd_dkdv_selected    one work-group per (chunk, key slice): the chunk's tokens, all G
  *                        heads -> selected partial sums per chunk
+ *   (bwd_dq_selected_mma and bwd_dkdv_selected_mma of cl/attend_bwd_mma.cl instead of the
+ *   two selected kernels where tensor cores run and the tensors qualify: same arguments,
+ *   same outputs, other group sizes; see bwd_mma_fits)
  *   bwd_dkdv_window      one work-group per key tile -> window dk/dv
  *   bwd_dkdv_compressed  one work-group per (block tile, token chunk) -> compressed
  *                        partial sums per token chunk
@@ -230,6 +233,8 @@ typedef struct bwd_plan {
   cl_long base;                                 /* element offset of the scratch in buf */
   clnsa_tensor idx, k_cmp, v_cmp, o[3], lse[3]; /* saved by the forward, by branch */
   cl_kernel gates, mask, chunks, scan, dq[3], dkdv[3], reduce, fin_q, fin_kv;
+  bool mma, mma_emulated; /* the selected kernels are cl/attend_bwd_mma.cl's */
+  int dq_nw, kv_nw;       /* their warps per group */
 } bwd_plan;
 
 static void plan_views(bwd_plan *p, const clnsa_workspace *ws) {
@@ -256,6 +261,37 @@ static void add_dtype_or(build_options *o, const char *role, const clnsa_tensor 
   options_add(o, " -D%s_DT=%d", role, (int)(t ? t->dtype : fallback));
 }
 
+/* Tensor-core selected kernels (cl/attend_bwd_mma.cl): q, k, v and do all f16 or all
+ * bf16 (the 16-byte fragment loads read every operand raw; a gate enters as an f32 row
+ * factor), head dims in 32-wide chunks with the accumulators' register budget (DK <= 256,
+ * DV <= 128, as the forward), rows aligned to 16 bytes. */
+static bool bwd_mma_fits(const nsa_dims *d, const clnsa_inputs *in, const clnsa_tensor *d_o) {
+  const clnsa_dtype dt = in->q->dtype;
+  return (dt == CLNSA_F16 || dt == CLNSA_BF16) && in->k->dtype == dt && in->v->dtype == dt &&
+         d_o->dtype == dt && d->DK % 32 == 0 && d->DV % 32 == 0 && d->DK <= 256 && d->DV <= 128 &&
+         tensor_rows_aligned16(in->q, d->DK) && tensor_rows_aligned16(in->k, d->DK) &&
+         tensor_rows_aligned16(in->v, d->DV) && tensor_rows_aligned16(d_o, d->DV);
+}
+
+#define BWD_MMA_MASK_WORDS 16
+
+/* Warps per group of the two kernels and whether their local arrays fit: dq takes 4
+ * warps that split a token's key slots; dkdv one warp per 16 keys of a block, up to 4.
+ * The emulation runs one warp per group. */
+static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool emulate,
+                              bwd_plan *p) {
+  const int per_block = (d->BS + 15) / 16;
+  p->dq_nw = emulate ? 1 : tuning_env_int("BWD_MMA_NW", 4, 1);
+  p->kv_nw = emulate ? 1 : per_block < 4 ? per_block : 4;
+  const size_t scratch = emulate ? 4 * 32 * 6 : 0;
+  const size_t dq_bytes = 4 * (3 * (size_t)CLNSA_MAX_BLOCK_COUNT + 16 * ((size_t)d->DK + 4));
+  const size_t kv_bytes = 4 * 33 * (size_t)BWD_MMA_MASK_WORDS +
+                          16 * 2 * (size_t)(d->DK / 32 + d->DV / 32) * 32 * p->kv_nw;
+  const size_t most = dq_bytes > kv_bytes ? dq_bytes : kv_bytes;
+  const int nw = p->dq_nw > p->kv_nw ? p->dq_nw : p->kv_nw;
+  return (size_t)(32 * nw) <= ctx->info.max_wg && most + scratch + 1024 <= ctx->info.local_mem;
+}
+
 static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
   const nsa_dims *d = p->d;
   const clnsa_inputs *in = p->in;
@@ -275,9 +311,22 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
   const char *kv_names[3] = {"bwd_dkdv_selected", "bwd_dkdv_compressed", "bwd_dkdv_window"};
   const bool runs[3] = {true, p->cmp, p->swa};
   for (int x = 0; x < 3; x++) {
-    if (!runs[x]) continue;
-    CHECK_STATUS(program_kernel(ctx, "attend_bwd.cl", o.text, dq_names[x], &p->dq[x]));
-    CHECK_STATUS(program_kernel(ctx, "attend_bwd.cl", o.text, kv_names[x], &p->dkdv[x]));
+    if (!runs[x] || (x == BRANCH_SLC && p->mma)) continue;
+    CHECK_STATUS(program_kernel(ctx, "bwd_mask.cl+attend_bwd.cl", o.text, dq_names[x], &p->dq[x]));
+    CHECK_STATUS(program_kernel(ctx, "bwd_mask.cl+attend_bwd.cl", o.text, kv_names[x], &p->dkdv[x]));
+  }
+  if (p->mma) {
+    build_options ot = {{0}, 0};
+    options_add(&ot, "-DDK=%d -DDV=%d -DDQ_NW=%d -DKV_NW=%d -DMASK_WORDS=%d", d->DK, d->DV,
+                p->dq_nw, p->kv_nw, BWD_MMA_MASK_WORDS);
+    options_add(&ot, " -DMMA_DT=%d -DWARP_EMULATE=%d", (int)in->q->dtype, p->mma_emulated);
+    options_add_dtype(&ot, "Q", in->q);
+    options_add_dtype(&ot, "K", in->k);
+    options_add_dtype(&ot, "V", in->v);
+    options_add_dtype(&ot, "DO", p->d_o);
+    const char *file = "warp_ops.cl+bwd_mask.cl+attend_bwd_mma.cl";
+    CHECK_STATUS(program_kernel(ctx, file, ot.text, "bwd_dq_selected_mma", &p->dq[BRANCH_SLC]));
+    CHECK_STATUS(program_kernel(ctx, file, ot.text, "bwd_dkdv_selected_mma", &p->dkdv[BRANCH_SLC]));
   }
 
   build_options om = {{0}, 0};
@@ -460,10 +509,13 @@ static clnsa_status enqueue_dq(clnsa_context *ctx, const bwd_plan *p, int x, enq
   if (x == BRANCH_SWA) arg_int(&a, d->W);
   arg_int(&a, d->BS);
   arg_seq(&a, d);
-  /* selected: one group per (token, QROWS heads); others: QROWS flattened (token, g) rows */
-  const size_t groups =
-      x == BRANCH_SLC ? len * ceil_div((size_t)d->G, rows) : ceil_div(len * (size_t)d->G, rows);
-  size_t local[3] = {(size_t)p->tune.threads, 1, 1};
+  /* selected: one group per (token, QROWS heads; 16 on tensor cores); others: QROWS
+   * flattened (token, g) rows */
+  const bool mma = x == BRANCH_SLC && p->mma;
+  const size_t groups = x != BRANCH_SLC ? ceil_div(len * (size_t)d->G, rows)
+                        : mma           ? len * ceil_div((size_t)d->G, 16)
+                                        : len * ceil_div((size_t)d->G, rows);
+  size_t local[3] = {mma ? 32 * (size_t)p->dq_nw : (size_t)p->tune.threads, 1, 1};
   size_t global[3] = {groups * local[0], seq_groups(d), (size_t)d->H};
   return launch(ctx, c, &a, 3, global, local);
 }
@@ -472,8 +524,9 @@ static clnsa_status enqueue_dkdv(clnsa_context *ctx, const bwd_plan *p, int x, e
   const nsa_dims *d = p->d;
   const bwd_layout *l = &p->lay;
   const cl_long nr = (cl_long)d->B * d->TQ * d->HQ;
+  const bool mma = x == BRANCH_SLC && p->mma; /* 16 keys per warp on tensor cores */
   const size_t len = (size_t)longest_sequence(d), keys = (size_t)p->tune.kkeys;
-  const size_t parts = ceil_div((size_t)d->BS, keys);
+  const size_t parts = ceil_div((size_t)d->BS, mma ? 16 * (size_t)p->kv_nw : keys);
   kargs a = args_begin(p->dkdv[x]);
   args_attend(&a, p, x);
   if (x == BRANCH_SLC) {
@@ -499,7 +552,7 @@ static clnsa_status enqueue_dkdv(clnsa_context *ctx, const bwd_plan *p, int x, e
   if (x == BRANCH_SWA) arg_int(&a, d->W);
   arg_int(&a, d->BS);
   arg_seq(&a, d);
-  size_t local[3] = {(size_t)p->tune.threads, 1, 1};
+  size_t local[3] = {mma ? 32 * (size_t)p->kv_nw : (size_t)p->tune.threads, 1, 1};
   if (x == BRANCH_SLC) { /* one group per (chunk slot, key slice); spare slots exit */
     size_t global = l->slots * parts * local[0];
     return launch(ctx, c, &a, 1, &global, local);
@@ -612,6 +665,12 @@ clnsa_status clnsa_backward(clnsa_context *ctx, const clnsa_params *params, cons
   p.cmp = in->g_cmp != NULL;
   p.swa = ws->last.window;
   p.tune = tuning_backward(ctx, d.DK, d.DV, d.G);
+  if (bwd_mma_fits(&d, in, d_o)) {
+    int mode = MMA_OFF;
+    CHECK_STATUS(mma_mode(ctx, &mode));
+    p.mma_emulated = mode == MMA_EMULATED;
+    p.mma = mode != MMA_OFF && bwd_mma_configure(ctx, &d, p.mma_emulated, &p);
+  }
   scratch_layout(&d, &p.lay);
   plan_views(&p, ws);
   CHECK_STATUS(plan_kernels(ctx, &p));

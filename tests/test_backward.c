@@ -26,7 +26,9 @@ enum { G_CMP = 1, G_SLC = 2, G_SWA = 4, G_ALL = 7 };
 typedef struct shape_class {
   int DK, DV, BS;
 } shape_class;
-static const shape_class classes[] = {{16, 24, 8}, {32, 16, 4}, {48, 32, 16}};
+static const shape_class classes[] = {{16, 24, 8}, {32, 16, 4}, {48, 32, 16},
+                                      /* head dims the tensor-core kernels take */
+                                      {32, 64, 8}, {64, 32, 16}, {128, 128, 64}};
 /* The two classes each dtype is tried with: 6 of the 9 pairs keep the builds few. */
 static const int dtype_classes[3][2] = {{0, 1}, {0, 2}, {1, 2}};
 
@@ -380,6 +382,30 @@ static void test_block_selected_by_all(void **state) {
   free_problem(&pb);
 }
 
+/* Shapes the tensor-core kernels (cl/attend_bwd_mma.cl) take: q, k, v, do of one 16-bit
+ * type, unpadded (16-byte rows), head dims in 32-wide chunks. Group sizes below, at and
+ * above one 16-row tile (1, 3, 16, 20), several blocks per sequence, all branches, varlen
+ * with an empty sequence, caller indices with holes and duplicates, and the production
+ * head dims (128, BS 64). Wherever the context has a tensor-core path (NVIDIA, or
+ * CLNSA_TUNE=MMA=2) these run on it; run as `test_backward tensor-cores` the test
+ * requires that path. */
+static void test_backward_tensor_cores(void **state) {
+  (void)state;
+  rng r = {harness_seed("backward tensor cores")};
+  printf("# tensor-core path: %d\n", (int)clnsa_context_tensor_cores(ctx));
+  static const bcase cases[] = {
+      /* B  T  H  G cls S  W  nseq cu  gates   idx    padded dtype */
+      {1, 70, 2, 16, 3, 3, 0, 0, {0}, G_SLC, false, false, CLNSA_BF16, 0},
+      {2, 45, 2, 1, 3, 4, 7, 0, {0}, G_ALL, false, false, CLNSA_BF16, 0},
+      {1, 50, 1, 3, 4, 3, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_F16, 0},
+      {1, 30, 1, 20, 4, 2, 0, 0, {0}, 0, false, false, CLNSA_F16, 0},
+      {1, 0, 2, 2, 3, 3, 5, 4, {0, 5, 5, 46, 47}, G_SLC | G_SWA, false, false, CLNSA_BF16, 0},
+      {1, 40, 2, 4, 4, 5, 0, 0, {0}, G_SLC, true, false, CLNSA_F16, 0},
+      {1, 100, 1, 16, 5, 2, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_BF16, 0},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], &r);
+}
+
 /* ---- error paths: the status, and not one byte of any output changed ---- */
 static void expect_refused(problem *pb, const clnsa_tensor *d_o, const clnsa_grads *g,
                            clnsa_status want) {
@@ -469,14 +495,30 @@ static void test_no_backward(void **state) {
   free_problem(&pb);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
   ctx = harness_context();
+  if (argc > 1 && strcmp(argv[1], "tensor-cores") == 0) {
+    /* the suite entry that exists for the tensor-core kernels must not pass on others */
+    if (!harness_tensor_cores(ctx)) {
+      printf("no tensor-core path on this context (probe failed?)\n");
+      clnsa_context_destroy(ctx);
+      return 1;
+    }
+    const struct CMUnitTest only[] = {cmocka_unit_test(test_backward_tensor_cores)};
+    int rc = cmocka_run_group_tests(only, NULL, NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    printf("# backward tensor cores: %.1f s\n",
+           (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec));
+    clnsa_context_destroy(ctx);
+    return rc;
+  }
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_backward_fixed),   cmocka_unit_test(test_backward_random),
       cmocka_unit_test(test_unselected_block), cmocka_unit_test(test_block_selected_by_all),
       cmocka_unit_test(test_errors),           cmocka_unit_test(test_no_backward),
+      cmocka_unit_test(test_backward_tensor_cores),
   };
   int rc = cmocka_run_group_tests(tests, NULL, NULL);
   clock_gettime(CLOCK_MONOTONIC, &t1);

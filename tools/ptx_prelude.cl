@@ -15,3 +15,4 @@ float __attribute__((overloadable)) exp2(float a) { return __nvvm_ex2_approx_f(a
 float __attribute__((overloadable)) log2(float a) { return __nvvm_lg2_approx_f(a); }
 int __attribute__((overloadable)) isnan(float a) { return a != a; }
 float __attribute__((overloadable)) fmin(float a, float b) { return __nvvm_fmin_f(a, b); }
+uint __attribute__((overloadable)) popcount(uint x) { return __builtin_popcount(x); }

@@ -1,0 +1,443 @@
+/* Tensor-core backward of the selected branch (NVIDIA mma.sync: cl/warp_ops.cl): the
+ * kernels bwd_dq_selected and bwd_dkdv_selected of cl/attend_bwd.cl with the same
+ * arguments, the same scratch regions and the same outputs, for q, k, v and do all f16 or
+ * all bf16 (MMA_DT) with f32 accumulation. src/backward.c takes them where the context
+ * has a tensor-core path and the tensors qualify; otherwise the portable kernels run.
+ *
+ * The math (cl/attend_bwd.cl's header), per row r = (token, query head), gate g_r:
+ *   P = exp2(S scale log2e - lse log2e) with S = Q K^T,  dP = g (do V^T),
+ *   dS = P (dP - delta),  dq = scale dS K,  dk = scale dS^T Q,  dv = (g P)^T do.
+ * The gate enters as an f32 factor of a row (dP = g do.v, and g P as the weights of dv)
+ * rather than through a rounded g do: do itself is already exact in MMA_DT, so the only
+ * roundings to MMA_DT are P g and dS as A operands (as in FlashAttention-2's backward).
+ *
+ * Fragments are loaded straight from global memory in 16-byte loads, as in
+ * cl/attend_mma.cl (read its header first): lane (gid, tig) loads elements 32c + 8tig ..
+ * 32c + 8tig + 7 of a row; words 2s, 2s+1 of chunk c are then either the B fragment of
+ * k-step s of a product that contracts over the head dim (in a permuted dim order, the
+ * same for both operands), or, through movmatrix_t, the B fragment of a product that
+ * contracts over rows (keys or queries), whose accumulator then holds the natural dims
+ * 32c + 8tig + 2j + {0, 1} in its register 4c + j.
+ *
+ * bwd_dq_selected_mma: a group owns 16 query heads of one token (16 rows: one mma tile;
+ * G < 16 leaves rows idle) and the token's selected key slots (deduplicated blocks back to
+ * back, as in the portable kernel). Its DQ_NW warps split the key slots in tiles of KT:
+ * warp w takes tiles w, w + DQ_NW, ... Per tile: S and dP (A = q and do rows held in
+ * registers for the whole walk, B = k and v rows), P and dS in the C layout, which packs
+ * into the A fragment of dq += dS K (B = the same k words through movmatrix, kept from
+ * S). KT = 16: ptxas for sm_90 gives 234 registers and no spills at DK = DV = 128
+ * (tools/ptx_check.sh); KT = 32 spills, the k words of a tile staying live. Each warp keeps 16 x DK f32 partial dq;
+ * at the end warp 0 writes them to local memory and warps 1, 2, ... add theirs in that
+ * order, so dq = scale ((w0 + w1) + w2) + ... whatever the scheduling.
+ *
+ * bwd_dkdv_selected_mma: a group owns 16 KV_NW keys of the block of one selection chunk
+ * (cl/select_mask.cl; the same slots and partial-sum rows as the portable kernel) and
+ * walks the chunk's tokens, all G heads each, in increasing order, 16 rows (f = token
+ * index * G + g) per step. Warp w owns keys 16w .. 16w + 15 of the group: the key side is
+ * the M dimension, S^T = K Q^T and dP^T = V do^T (A = k and v rows, B = q and do rows
+ * directly), then dv += (g P)^T do and dk += dS^T Q (B = the do words kept from dP^T,
+ * and the q rows loaded again, through movmatrix). Every key's dk and dv have one warp
+ * as their only writer, accumulated in the fixed row order of the walk. The k and v A
+ * fragments stay for the whole walk; they wait in local memory (each lane its own slots,
+ * so no synchronisation) to leave the registers to the two accumulators (DK/2 + DV/2
+ * floats a lane); reloading q rather than keeping its words too brings ptxas down to
+ * 254 registers and 8 bytes of spill at DK = DV = 128 (from 255 and 96).
+ *
+ * Masked pairs (key position after the row's token, key past the block or sequence, row
+ * past the group's rows) get P = dS = 0; loads of keys or rows past the end read zeros.
+ * The selection-list helper is repeated here (selection_rows) so that this program does
+ * not carry the portable kernels' local tiles; the mask expansion (mask_expand) comes
+ * from cl/bwd_mask.cl, which precedes both files.
+ */
+#ifndef DK
+#define DK 128
+#endif
+#ifndef DV
+#define DV 128
+#endif
+#ifndef DQ_NW
+#define DQ_NW 4 /* bwd_dq_selected_mma: warps per group */
+#endif
+#ifndef KV_NW
+#define KV_NW 4 /* bwd_dkdv_selected_mma: warps per group (16 keys each) */
+#endif
+#ifndef KT
+#define KT 16 /* bwd_dq_selected_mma: key slots per warp step, a multiple of 16 */
+#endif
+#ifndef MASK_WORDS
+#define MASK_WORDS 16 /* bwd_dkdv_selected_mma: selection-mask words expanded at once */
+#endif
+#ifndef KV_LOCAL
+#define KV_LOCAL 1 /* 1: dkdv keeps its k/v A fragments in local memory, 0: in registers */
+#endif
+#ifndef Q_DT
+#define Q_DT MMA_DT
+#endif
+#ifndef K_DT
+#define K_DT MMA_DT
+#endif
+#ifndef V_DT
+#define V_DT MMA_DT
+#endif
+#ifndef DO_DT
+#define DO_DT MMA_DT
+#endif
+
+#if Q_DT != MMA_DT || K_DT != MMA_DT || V_DT != MMA_DT || DO_DT != MMA_DT
+#error "attend_bwd_mma.cl: q, k, v and do are all MMA_DT"
+#endif
+#if DK % 32 || DV % 32 || KT % 16
+#error "attend_bwd_mma.cl: DK and DV multiples of 32, KT a multiple of 16"
+#endif
+#if WARP_EMULATE && (DQ_NW != 1 || KV_NW != 1)
+#error "attend_bwd_mma.cl: the warp emulation runs one warp per group"
+#endif
+#if MASK_WORDS > 32 * KV_NW
+#error "attend_bwd_mma.cl: MASK_WORDS at most the work-group size"
+#endif
+
+#define MAX_S 128 /* CLNSA_MAX_BLOCK_COUNT */
+#define DKC (DK / 32)
+#define DVC (DV / 32)
+#define NT (KT / 8)
+#define KSTEPS (KT / 16)
+#define DQ_ST (DK + 4) /* row stride of the dq merge buffer */
+
+#define U4(v, j) ((j) == 0 ? (v).x : (j) == 1 ? (v).y : (j) == 2 ? (v).z : (v).w)
+/* 8 elements (16 bytes) at element index i of a 16-bit tensor, or zeros where !ok. */
+#define LD8(p, i, ok) ((ok) ? *(__global const uint4 *)((p) + (i)) : (uint4)(0u))
+
+/* acc (16 x 8, f32) += A B over the 16 dims of chunk word pair s (0: x,y; 1: z,w):
+ * A rows gid, gid+8 in alo, ahi; B column gid in b (all in the permuted dim order). */
+inline void mma_dims(float *acc, uint4 alo, uint4 ahi, uint4 b, __local uint *wx) {
+  mma_16816(acc, alo.x, ahi.x, alo.y, ahi.y, b.x, b.y, wx);
+  mma_16816(acc, alo.z, ahi.z, alo.w, ahi.w, b.z, b.w, wx);
+}
+
+/* The A fragment of a 16 x 16 block from two C tiles (columns 0-7 in lo, 8-15 in hi). */
+typedef struct afrag {
+  uint a0, a1, a2, a3;
+} afrag;
+
+inline afrag pack_a(const float *lo, const float *hi) {
+  afrag f = {pack2(lo[0], lo[1]), pack2(lo[2], lo[3]), pack2(hi[0], hi[1]), pack2(hi[2], hi[3])};
+  return f;
+}
+
+/* acc[4c + j] (16 x 8 each, natural dims 32c + 8tig + 2j + {0, 1}) += A R over a chunk c of
+ * 16 rows R, whose lanes loaded rows gid (lo) and gid + 8 (hi) at 32c + 8tig. */
+inline void mma_rows(float (*acc)[4], afrag a, uint4 lo, uint4 hi, __local uint *wx) {
+#pragma unroll
+  for (int j = 0; j < 4; j++)
+    mma_16816(acc[j], a.a0, a.a1, a.a2, a.a3, movmatrix_t(U4(lo, j), wx),
+              movmatrix_t(U4(hi, j), wx), wx);
+}
+
+/* ---------------------------------------------------------------- dq */
+
+/* One sequence of the batch (as cl/attend_bwd.cl's seq_span). */
+typedef struct bwd_seq {
+  int b, t0, len;
+} bwd_seq;
+
+inline bwd_seq bwd_sequence(__global const int *cu, int nseq, int TQ, int s) {
+  bwd_seq q = {s, 0, TQ};
+  if (nseq > 0) q.b = 0, q.t0 = cu[s], q.len = cu[s + 1] - cu[s];
+  return q;
+}
+
+/* The valid blocks of one (token, kv head) selection row, deduplicated, in first
+ * occurrence order, into blist[]; returns their number (cl/attend_bwd.cl's
+ * selection_list). raw and keep hold MAX_S ints each. Ends with a barrier. */
+inline int selection_rows(__global const int *row, int S, int ic, __local int *raw,
+                          __local int *keep, __local int *blist, int wg) {
+  const int lid = get_local_id(0);
+  for (int s = lid; s < S; s += wg) raw[s] = row[s];
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int s = lid; s < S; s += wg) {
+    const int c = raw[s];
+    int k = c >= 0 && c <= ic;
+    for (int x = 0; x < s && k; x++) k = raw[x] != c;
+    keep[s] = k;
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  int n = 0;
+  for (int s = 0; s < S; s++) {
+    if (keep[s] && (s % wg) == lid) blist[n] = raw[s];
+    n += keep[s];
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  return n;
+}
+
+/* Does key slot u (of nkeys) of the selection list lie at or before position i? */
+inline bool slot_visible(int u, int nkeys, __local const int *blist, int BS, int i) {
+  return u < nkeys && blist[u / BS] * BS + u % BS <= i;
+}
+
+/* Row of k/v of key slot u (clamped into the list: callers mask what is past it). */
+inline long slot_row(int u, int nkeys, __local const int *blist, int BS, int t0) {
+  u = min(u, nkeys - 1);
+  return t0 + blist[u / BS] * BS + u % BS;
+}
+
+__kernel __attribute__((reqd_work_group_size(32 * DQ_NW, 1, 1))) void bwd_dq_selected_mma(
+    CTENSOR(Q_DT, q), CTENSOR(K_DT, k), CTENSOR(V_DT, v), CTENSOR(DO_DT, dout),
+    CTENSOR(0, lse), CITENSOR(bi), __global float *ws, long gate_off, long delta_off,
+    long dq_off, float scale, int S, int BS, SEQ_ARGS) {
+  __local int sel[3 * MAX_S];
+  __local float part[16 * DQ_ST];
+  WARP_SCRATCH(wx);
+  const bwd_seq sp = bwd_sequence(cu, nseq, TQ, get_group_id(1));
+  const int h = get_group_id(2), G = HQ / H, chunks = (G + 15) / 16;
+  const int i = get_group_id(0) / chunks, g0 = (get_group_id(0) % chunks) * 16;
+  if (i >= sp.len) return;
+  (void)B, (void)TK, (void)NB;
+  const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5;
+  const int gid = lane >> 2, tig = lane & 3, tok = sp.t0 + i;
+  __local const int *blist = sel + 2 * MAX_S;
+  const int nkeys = BS * selection_rows(bi + TIDX(bi, sp.b, tok, h), S, i / BS, sel,
+                                        sel + MAX_S, sel + 2 * MAX_S, 32 * DQ_NW);
+  __global const float *gate = ws + gate_off, *delta = ws + delta_off;
+
+  /* This lane's rows gid and gid + 8: heads g0 + gid (+ 8) of the token. */
+  float lse2[2], del[2], gt[2];
+  uint4 qf[DKC][2], dof[DVC][2];
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    const int g = g0 + gid + 8 * rh, hq = h * G + g;
+    const bool ok = g < G;
+    const long rs = ((long)sp.b * TQ + tok) * HQ + hq;
+    lse2[rh] = ok ? lse[TIDX(lse, sp.b, tok, hq)] * M_LOG2E_F : 0.0f;
+    del[rh] = ok ? delta[rs] : 0.0f;
+    gt[rh] = ok ? gate[rs] : 0.0f;
+#pragma unroll
+    for (int c = 0; c < DKC; c++) qf[c][rh] = LD8(q, TIDX(q, sp.b, tok, hq) + 32 * c + 8 * tig, ok);
+#pragma unroll
+    for (int c = 0; c < DVC; c++)
+      dof[c][rh] = LD8(dout, TIDX(dout, sp.b, tok, hq) + 32 * c + 8 * tig, ok);
+  }
+  const float sl2 = scale * M_LOG2E_F;
+  float acc[DK / 8][4];
+#pragma unroll
+  for (int n = 0; n < DK / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+  for (int k0 = warp * KT; k0 < nkeys; k0 += DQ_NW * KT) {
+    /* S = Q K^T and dP = do V^T for key slots k0 .. k0 + KT - 1; the k rows stay for
+     * dq (the B fragments of dS K are the same words through movmatrix) */
+    float s[NT][4], dp[NT][4];
+    uint4 kt[NT][DKC];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      const int u = k0 + 8 * nt + gid;
+      const bool ok = slot_visible(u, nkeys, blist, BS, i); /* else maybe past the sequence */
+      const long row = slot_row(u, nkeys, blist, BS, sp.t0);
+      const long ka = TIDX(k, sp.b, row, h) + 8 * tig, va = TIDX(v, sp.b, row, h) + 8 * tig;
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+      dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+#pragma unroll
+      for (int c = 0; c < DKC; c++) {
+        kt[nt][c] = LD8(k, ka + 32 * c, ok);
+        mma_dims(s[nt], qf[c][0], qf[c][1], kt[nt][c], wx);
+      }
+#pragma unroll
+      for (int c = 0; c < DVC; c++)
+        mma_dims(dp[nt], dof[c][0], dof[c][1], LD8(v, va + 32 * c, ok), wx);
+    }
+    /* dS in place of S: element e is row gid + 8 (e >> 1), slot k0 + 8nt + 2tig + (e & 1) */
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int rh = e >> 1, u = k0 + 8 * nt + 2 * tig + (e & 1);
+        const float p =
+            slot_visible(u, nkeys, blist, BS, i) ? exp2(s[nt][e] * sl2 - lse2[rh]) : 0.0f;
+        s[nt][e] = p * (gt[rh] * dp[nt][e] - del[rh]);
+      }
+    }
+    /* dq += dS K, 16 slots per step */
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ks++) {
+      const afrag a = pack_a(s[2 * ks], s[2 * ks + 1]);
+#pragma unroll
+      for (int c = 0; c < DKC; c++) mma_rows(acc + 4 * c, a, kt[2 * ks][c], kt[2 * ks + 1][c], wx);
+    }
+  }
+
+  /* Sum the warps' partials in warp order, then write scale * dq (coalesced). */
+  for (int w = 0; w < DQ_NW; w++) {
+    if (warp == w) {
+#pragma unroll
+      for (int n = 0; n < DK / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int at =
+              (gid + 8 * (e >> 1)) * DQ_ST + 8 * (n & ~3) + 8 * tig + 2 * (n & 3) + (e & 1);
+          part[at] = (w == 0 ? 0.0f : part[at]) + acc[n][e];
+        }
+      }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  __global float *dq = ws + dq_off;
+  for (int e = lid; e < 16 * DK; e += 32 * DQ_NW) {
+    const int r = e / DK, d = e - r * DK;
+    if (g0 + r < G)
+      dq[(((long)sp.b * TQ + tok) * HQ + h * G + g0 + r) * DK + d] = scale * part[r * DQ_ST + d];
+  }
+}
+
+/* ---------------------------------------------------------------- dk, dv */
+
+/* One row of a dk/dv step: token position (in its sequence), query head, valid. */
+typedef struct step_row {
+  int t, hq;
+  bool ok;
+} step_row;
+
+inline step_row walk_row(int f, int nrows, __local const int *list, int h, int G) {
+  step_row r;
+  r.ok = f < nrows;
+  f = min(f, nrows - 1);
+  const int x = f / G;
+  r.t = list[x];
+  r.hq = h * G + f - x * G;
+  return r;
+}
+
+#if KV_LOCAL
+#define KFRAG(c, rh) kvl[(2 * (c) + (rh)) * 32 * KV_NW + lid]
+#define VFRAG(c, rh) kvl[(2 * DKC + 2 * (c) + (rh)) * 32 * KV_NW + lid]
+#else
+#define KFRAG(c, rh) kf[c][rh]
+#define VFRAG(c, rh) vf[c][rh]
+#endif
+
+__kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_selected_mma(
+    CTENSOR(Q_DT, q), CTENSOR(K_DT, k), CTENSOR(V_DT, v), CTENSOR(DO_DT, dout),
+    CTENSOR(0, lse), __global const uint *mask, long mask_off, int NCH,
+    __global const int *sel, long offsets_off, long slot_row_off, long slot_word_off,
+    __global float *ws, long gate_off, long delta_off, long dk_off, long dv_off, float scale,
+    int BS, SEQ_ARGS) {
+  __local int list[MASK_WORDS * 32];
+  __local uint words[MASK_WORDS];
+#if KV_LOCAL
+  __local uint4 kvl[2 * (DKC + DVC) * 32 * KV_NW];
+#endif
+  WARP_SCRATCH(wx);
+  __global const int *offsets = sel + offsets_off;
+  const int keys_per_group = 16 * KV_NW, parts = (BS + keys_per_group - 1) / keys_per_group;
+  const int slot = get_group_id(0) / parts, nsel = H * B * NB;
+  if (slot >= offsets[nsel]) return;
+  const int srow = sel[slot_row_off + slot], h = srow / (B * NB);
+  const crow blk = locate_block(cu, nseq, NB, TK, srow % (B * NB));
+  const int u0 = blk.c * BS + (get_group_id(0) % parts) * keys_per_group;
+  const int kend = min((blk.c + 1) * BS, blk.tk);
+  if (u0 >= kend) return;
+  const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5;
+  const int gid = lane >> 2, tig = lane & 3, G = HQ / H, kw = u0 + 16 * warp;
+  __global const float *gate = ws + gate_off, *delta = ws + delta_off;
+
+  /* A fragments of this warp's keys kw + gid (lo) and kw + gid + 8 (hi) */
+#if !KV_LOCAL
+  uint4 kf[DKC][2], vf[DVC][2];
+#endif
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    const int key = kw + gid + 8 * rh;
+    const long kr = blk.kstart + min(key, kend - 1);
+#pragma unroll
+    for (int c = 0; c < DKC; c++)
+      KFRAG(c, rh) = LD8(k, TIDX(k, blk.b, kr, h) + 32 * c + 8 * tig, key < kend);
+#pragma unroll
+    for (int c = 0; c < DVC; c++)
+      VFRAG(c, rh) = LD8(v, TIDX(v, blk.b, kr, h) + 32 * c + 8 * tig, key < kend);
+  }
+  const float sl2 = scale * M_LOG2E_F;
+  float ak[DK / 8][4], av[DV / 8][4];
+#pragma unroll
+  for (int n = 0; n < DK / 8; n++) ak[n][0] = ak[n][1] = ak[n][2] = ak[n][3] = 0.0f;
+#pragma unroll
+  for (int n = 0; n < DV / 8; n++) av[n][0] = av[n][1] = av[n][2] = av[n][3] = 0.0f;
+
+  __global const uint *mrow = mask + mask_off + (long)srow * NCH;
+  const int wend = slot + 1 < offsets[srow + 1] ? sel[slot_word_off + slot + 1]
+                                                : (blk.tk + 31) / 32;
+  for (int w0 = sel[slot_word_off + slot]; w0 < wend; w0 += MASK_WORDS) {
+    const int nrows = mask_expand(mrow, w0, wend, words, list) * G;
+    for (int f0 = 0; f0 < nrows; f0 += 16) {
+      /* S^T = K Q^T and dP^T = V do^T over rows f0 .. f0 + 15: n-tile nt is rows 8nt ..
+       * 8nt + 7, B column gid row f0 + 8nt + gid; those q and do words stay for dk, dv */
+      float st[2][4], dpt[2][4];
+      uint4 ob[DVC][2];
+#pragma unroll
+      for (int nt = 0; nt < 2; nt++) {
+        const step_row r = walk_row(f0 + 8 * nt + gid, nrows, list, h, G);
+        const long qa = TIDX(q, blk.b, blk.kstart + r.t, r.hq) + 8 * tig;
+        const long oa = TIDX(dout, blk.b, blk.kstart + r.t, r.hq) + 8 * tig;
+        st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.0f;
+        dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < DKC; c++) {
+          mma_dims(st[nt], KFRAG(c, 0), KFRAG(c, 1), LD8(q, qa + 32 * c, r.ok), wx);
+        }
+#pragma unroll
+        for (int c = 0; c < DVC; c++) {
+          ob[c][nt] = LD8(dout, oa + 32 * c, r.ok);
+          mma_dims(dpt[nt], VFRAG(c, 0), VFRAG(c, 1), ob[c][nt], wx);
+        }
+      }
+      /* element e of tile nt: key kw + gid + 8 (e >> 1), row f0 + 8nt + 2tig + (e & 1);
+       * st becomes g P (the weights of dv), dpt becomes dS */
+#pragma unroll
+      for (int nt = 0; nt < 2; nt++) {
+#pragma unroll
+        for (int x = 0; x < 2; x++) {
+          const step_row r = walk_row(f0 + 8 * nt + 2 * tig + x, nrows, list, h, G);
+          const long rs = ((long)blk.b * TQ + blk.kstart + r.t) * HQ + r.hq;
+          const float l2 = r.ok ? lse[TIDX(lse, blk.b, blk.kstart + r.t, r.hq)] * M_LOG2E_F : 0.0f;
+          const float dl = r.ok ? delta[rs] : 0.0f, g = r.ok ? gate[rs] : 0.0f;
+#pragma unroll
+          for (int kh = 0; kh < 2; kh++) {
+            const int key = kw + gid + 8 * kh, e = 2 * kh + x;
+            const bool in = r.ok && key < kend && key <= r.t;
+            const float p = in ? exp2(st[nt][e] * sl2 - l2) : 0.0f;
+            st[nt][e] = g * p;
+            dpt[nt][e] = p * (g * dpt[nt][e] - dl);
+          }
+        }
+      }
+      /* dv += (g P)^T do, dk += dS^T Q over the step's 16 rows */
+      const afrag apg = pack_a(st[0], st[1]), ads = pack_a(dpt[0], dpt[1]);
+#pragma unroll
+      for (int c = 0; c < DVC; c++) mma_rows(av + 4 * c, apg, ob[c][0], ob[c][1], wx);
+      const step_row rlo = walk_row(f0 + gid, nrows, list, h, G);
+      const step_row rhi = walk_row(f0 + gid + 8, nrows, list, h, G);
+      const long qlo = TIDX(q, blk.b, blk.kstart + rlo.t, rlo.hq) + 8 * tig;
+      const long qhi = TIDX(q, blk.b, blk.kstart + rhi.t, rhi.hq) + 8 * tig;
+#pragma unroll
+      for (int c = 0; c < DKC; c++)
+        mma_rows(ak + 4 * c, ads, LD8(q, qlo + 32 * c, rlo.ok), LD8(q, qhi + 32 * c, rhi.ok), wx);
+    }
+  }
+
+  /* slot-major partial rows (slot * BS + key in block), as bwd_dkdv_selected */
+  __global float *dk = ws + dk_off, *dv = ws + dv_off;
+  const long base = (long)slot * BS + kw - blk.c * BS;
+#pragma unroll
+  for (int kh = 0; kh < 2; kh++) {
+    const int key = gid + 8 * kh;
+    if (kw + key >= kend) continue;
+    __global float *rk = dk + (base + key) * DK + 8 * tig, *rv = dv + (base + key) * DV + 8 * tig;
+#pragma unroll
+    for (int n = 0; n < DK / 8; n++) {
+      rk[8 * (n & ~3) + 2 * (n & 3)] = scale * ak[n][2 * kh];
+      rk[8 * (n & ~3) + 2 * (n & 3) + 1] = scale * ak[n][2 * kh + 1];
+    }
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++) {
+      rv[8 * (n & ~3) + 2 * (n & 3)] = av[n][2 * kh];
+      rv[8 * (n & ~3) + 2 * (n & 3) + 1] = av[n][2 * kh + 1];
+    }
+  }
+}
