@@ -187,10 +187,11 @@ static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d
     bytes += 4 * (2 * (size_t)nw * 16 + merge);
     bytes += c->tpg > 1 ? 8 * (size_t)c->ucap * (2 * (size_t)c->ucap > merge ? 2 : 1)
                         : 8 * (size_t)CLNSA_MAX_BLOCK_COUNT;
-  } else { /* staged K/V tiles, rows padded by 64 bytes; f32 values kept as hi and lo */
+  } else { /* staged K/V tiles, rows padded by 64 bytes; f32 K kept as hi and lo, f32 V as
+            * hi alone unless V_SPLIT (cl/attend_mma.cl) */
     const size_t kt = (size_t)c->kt;
     bytes += 16 * kt * (size_t)(d->DK / 8 + 4) * (k32 ? 2 : 1);
-    bytes += 16 * kt * (size_t)(d->DV / 8 + 4) * (v32 ? 2 : 1);
+    bytes += 16 * kt * (size_t)(d->DV / 8 + 4) * (v32 && tuning_env_int("V_SPLIT", 0, 0) ? 2 : 1);
   }
   if (emulate) bytes += 4 * 32 * 6;
   return c->kt % 16 == 0 && (size_t)c->wg <= ctx->info.max_wg &&
