@@ -50,10 +50,13 @@ typedef struct problem {
   dev_tensor dq, dk, dv;
 } problem;
 
+/* The dtypes' bound; 1e-2 at most where the tensor cores multiply 16-bit q (the
+ * semantics' bound for half-precision matrix units). */
 static double tolerance(const problem *pb) {
   double t = dtype_tolerance(pb->c->dt);
   clnsa_dtype all[3] = {pb->qdt, pb->kdt, pb->vdt};
   for (int i = 0; i < 3; i++) t = fmax(t, dtype_tolerance(all[i]));
+  if (pb->qdt != CLNSA_F32 && clnsa_context_tensor_cores(ctx) != CLNSA_MMA_NONE) t = fmin(t, 1e-2);
   return t;
 }
 

@@ -43,6 +43,9 @@ typedef struct bcase {
 } bcase;
 
 static clnsa_context *ctx;
+/* The tolerance of check_gradients: the dtype's, or this where lower (the tensor-core
+ * cases: the semantics' bound for half-precision matrix units, 1e-2). */
+static double tolerance_cap = 1.0;
 
 static double *rand_array(rng *r, size_t n, double lo, double hi) {
   double *x = malloc(sizeof(double) * (n ? n : 1));
@@ -210,7 +213,7 @@ static double check_gradients(problem *pb) {
   int *idx = forward_indices(pb);
   ref_inputs rin = {pb->q, pb->k, pb->v, pb->g[0], pb->g[1], pb->g[2], idx};
   ref_backward(s, &rin, pb->d_o, &rg);
-  const double tol = dtype_tolerance(pb->dq.t.dtype);
+  const double tol = fmin(dtype_tolerance(pb->dq.t.dtype), tolerance_cap);
   double e[6] = {rel_error(dev_download(ctx, &pb->dq), rg.dq, nq * s->DK),
                  rel_error(dev_download(ctx, &pb->dk), rg.dk, nk * s->DK),
                  rel_error(dev_download(ctx, &pb->dv), rg.dv, nk * s->DV), 0, 0, 0};
@@ -388,22 +391,28 @@ static void test_block_selected_by_all(void **state) {
  * with an empty sequence, caller indices with holes and duplicates, and the production
  * head dims (128, BS 64). Wherever the context has a tensor-core path (NVIDIA, or
  * CLNSA_TUNE=MMA=2) these run on it; run as `test_backward tensor-cores` the test
- * requires that path. */
+ * requires that path. The compressed branch (g_cmp) goes to the tensor cores with bf16
+ * (G 1, 2, 3, 16; several blocks; the varlen case; D = 128 with two blocks) and stays
+ * portable with f16. Errors are held to 1e-2 (the matrix-unit bound of the semantics)
+ * rather than bf16's 2e-2, which a compressed dq off by 10% still met. */
 static void test_backward_tensor_cores(void **state) {
   (void)state;
   rng r = {harness_seed("backward tensor cores")};
   printf("# tensor-core path: %d\n", (int)clnsa_context_tensor_cores(ctx));
   static const bcase cases[] = {
       /* B  T  H  G cls S  W  nseq cu  gates   idx    padded dtype */
-      {1, 70, 2, 16, 3, 3, 0, 0, {0}, G_SLC, false, false, CLNSA_BF16, 0},
+      {1, 70, 2, 16, 3, 3, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_BF16, 0},
       {2, 45, 2, 1, 3, 4, 7, 0, {0}, G_ALL, false, false, CLNSA_BF16, 0},
       {1, 50, 1, 3, 4, 3, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_F16, 0},
+      {1, 61, 1, 3, 3, 3, 0, 0, {0}, G_CMP, false, false, CLNSA_BF16, 0},
       {1, 30, 1, 20, 4, 2, 0, 0, {0}, 0, false, false, CLNSA_F16, 0},
-      {1, 0, 2, 2, 3, 3, 5, 4, {0, 5, 5, 46, 47}, G_SLC | G_SWA, false, false, CLNSA_BF16, 0},
+      {1, 0, 2, 2, 3, 3, 5, 4, {0, 5, 5, 46, 47}, G_ALL, false, false, CLNSA_BF16, 0},
       {1, 40, 2, 4, 4, 5, 0, 0, {0}, G_SLC, true, false, CLNSA_F16, 0},
-      {1, 100, 1, 16, 5, 2, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_BF16, 0},
+      {1, 130, 1, 16, 5, 2, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_BF16, 0},
   };
+  tolerance_cap = 1e-2;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], &r);
+  tolerance_cap = 1.0;
 }
 
 /* ---- error paths: the status, and not one byte of any output changed ---- */
