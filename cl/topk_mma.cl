@@ -9,13 +9,11 @@
  * the permuted order cl/attend_mma.cl explains), p = exp2(s scale log2 e - lse log2 e)
  * for the blocks a row may pick (1 .. IC-2 of its token; IC, IC-1 and 0 are forced), and
  * the G rows of each token summed by butterfly shuffles over the lanes that hold them.
- * The importances land in local memory, CAP slots per token: the candidates are walked in
- * chunks of CAP (one chunk when every candidate fits; G = 1 at T = 64k does not: 16
- * tokens x 1024 candidates). After each chunk every token merges it into its running list
- * of the best n - (forced) candidates: rounds of a warp-wide argmax over the chunk and the
- * list (importance descending, block index ascending on ties; NaN sorts below every
- * number, +inf is clamped as in cl/topk.cl), each winner marked taken. At the end the
- * forced blocks and the list, n blocks, are written in ascending order, then -1 up to S.
+ * The importances land in local memory, one array of CAP slots per token.
+ * Selection then runs per token, by the whole warp: the forced blocks first, then rounds
+ * of a warp-wide argmax (importance descending, block index ascending on ties; NaN sorts
+ * below every number, +inf is clamped as in cl/topk.cl), each winner marked taken. The n
+ * chosen blocks are written in ascending order, then -1 up to S.
  * The NW warps of a group score consecutive tokens against the same candidates, so the
  * group stages each tile of k_cmp in local memory once (coalesced 16-byte loads; f32 split
  * into hi and lo there) and every warp reads its B fragments from it: without that every
@@ -32,10 +30,7 @@
 #define KT 32 /* candidates per step, a multiple of 16 */
 #endif
 #ifndef CAP
-#define CAP 1024 /* candidate slots per token and chunk: a multiple of KT */
-#endif
-#ifndef SCAP
-#define SCAP 16 /* the running list of a token: at least S */
+#define CAP 1024 /* candidate slots per token: at least the longest sequence's block count */
 #endif
 #ifndef DK
 #define DK 128
@@ -49,9 +44,6 @@
 #endif
 #define SMAX 128 /* CLNSA_MAX_BLOCK_COUNT */
 
-#if CAP % KT || SCAP > SMAX
-#error "topk_mma.cl: CAP a multiple of KT, SCAP at most 128"
-#endif
 #if GQ != 1 && GQ != 2 && GQ != 4 && GQ != 8 && GQ != 16
 #error "topk_mma.cl: GQ must be 1, 2, 4, 8 or 16"
 #endif
@@ -65,7 +57,7 @@
 #error "topk_mma.cl: the warp emulation runs one warp per group"
 #endif
 
-#define TPW (16 / GQ)     /* tokens per warp */
+#define TPW (16 / GQ) /* tokens per warp */
 #define KLD8 (DK / 8 + 4) /* staged row stride in 16-byte units: 64 bytes of bank padding */
 #define DKC (DK / 32)
 #define NT (KT / 8)
@@ -129,8 +121,6 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
     CTENSOR(Q_DT, q), CTENSOR(KC_DT, kc), CTENSOR(0, lse), CITENSOR(bc), ITENSOR(bi),
     int has_counts, int S, int block_size, int G, float scale, SEQ_ARGS, int tiles) {
   __local float imp_l[NW * TPW * CAP];
-  __local float lkey_l[NW * TPW * SCAP], nkey_l[NW * SCAP];
-  __local int lidx_l[NW * TPW * SCAP], nidx_l[NW * SCAP], lcnt_l[NW * TPW];
   __local int chosen_l[NW * SMAX];
   __local uint4 kst[KT * KLD8];
 #if KC_DT == 0
@@ -139,16 +129,12 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
   __local int chi_l[NW];
   WARP_SCRATCH(wx);
   (void)block_size, (void)G, (void)B, (void)NB, (void)HQ; /* BS and GQ are compiled in */
-  const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5, gid = lane >> 2,
-            tig = lane & 3;
+  const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5, gid = lane >> 2, tig = lane & 3;
   const int h = get_group_id(1), s = get_group_id(0) / tiles;
   const attend_seq sq = locate_seq(cu, nseq, TQ, TK, s);
   const int tok0 = ((get_group_id(0) - s * tiles) * NW + warp) * TPW;
   __local float *imp = imp_l + warp * TPW * CAP;
-  __local float *nkey = nkey_l + warp * SCAP;
-  __local int *nidx = nidx_l + warp * SCAP, *lcnt = lcnt_l + warp * TPW;
   __local int *chosen = chosen_l + warp * SMAX;
-  if (lane < TPW) lcnt[lane] = 0;
 
   /* This lane's rows gid and gid + 8: their tokens, q fragments, lse in log2 units. */
   topk_token tk[2];
@@ -179,117 +165,75 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
   for (int w = 0; w < NW; w++) g_hi = max(g_hi, chi_l[w]);
 
   const float sl2 = scale * M_LOG2E_F;
-  for (int cb = 0; cb < g_hi; cb += CAP) { /* chunks of candidates */
-    const int ce = min(cb + CAP, g_hi);
-    for (int c0 = cb; c0 < ce; c0 += KT) {
-      barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile's readers are done */
-      for (int i = lid; i < KT * (DK / 8); i += WG) {
-        const int j = i / (DK / 8), u = i - j * (DK / 8), c = c0 + j;
-        const kpairs w =
-            load_kc8(kc, TIDX(kc, sq.b, sq.cstart + min(c, g_hi - 1), h) + 8 * u, c < g_hi);
-        kst[j * KLD8 + u] = w.hi;
+  for (int c0 = 0; c0 < g_hi; c0 += KT) {
+    barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile's readers are done */
+    for (int i = lid; i < KT * (DK / 8); i += WG) {
+      const int j = i / (DK / 8), u = i - j * (DK / 8), c = c0 + j;
+      const kpairs w = load_kc8(kc, TIDX(kc, sq.b, sq.cstart + min(c, g_hi - 1), h) + 8 * u,
+                                c < g_hi);
+      kst[j * KLD8 + u] = w.hi;
 #if KC_DT == 0
-        kst_lo[j * KLD8 + u] = w.lo;
+      kst_lo[j * KLD8 + u] = w.lo;
+#endif
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    float sc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+      for (int cc = 0; cc < DKC; cc++) {
+        kpairs w;
+        w.hi = kst[(8 * nt + gid) * KLD8 + 4 * cc + tig];
+#if KC_DT == 0
+        w.lo = kst_lo[(8 * nt + gid) * KLD8 + 4 * cc + tig];
+#endif
+        const uint4 a = qf[cc][0], b = qf[cc][1];
+        mma_16816(sc[nt], a.x, b.x, a.y, b.y, w.hi.x, w.hi.y, wx);
+        mma_16816(sc[nt], a.z, b.z, a.w, b.w, w.hi.z, w.hi.w, wx);
+#if KC_DT == 0
+        mma_16816(sc[nt], a.x, b.x, a.y, b.y, w.lo.x, w.lo.y, wx);
+        mma_16816(sc[nt], a.z, b.z, a.w, b.w, w.lo.z, w.lo.w, wx);
 #endif
       }
-      barrier(CLK_LOCAL_MEM_FENCE);
-      float sc[NT][4];
+    }
 #pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+    for (int nt = 0; nt < NT; nt++) {
+      float p[4];
 #pragma unroll
-        for (int cc = 0; cc < DKC; cc++) {
-          kpairs w;
-          w.hi = kst[(8 * nt + gid) * KLD8 + 4 * cc + tig];
-#if KC_DT == 0
-          w.lo = kst_lo[(8 * nt + gid) * KLD8 + 4 * cc + tig];
-#endif
-          const uint4 a = qf[cc][0], b = qf[cc][1];
-          mma_16816(sc[nt], a.x, b.x, a.y, b.y, w.hi.x, w.hi.y, wx);
-          mma_16816(sc[nt], a.z, b.z, a.w, b.w, w.hi.z, w.hi.w, wx);
-#if KC_DT == 0
-          mma_16816(sc[nt], a.x, b.x, a.y, b.y, w.lo.x, w.lo.y, wx);
-          mma_16816(sc[nt], a.z, b.z, a.w, b.w, w.lo.z, w.lo.w, wx);
-#endif
-        }
+      for (int i = 0; i < 4; i++) {
+        const int rh = i >> 1, c = c0 + 8 * nt + 2 * tig + (i & 1);
+        const bool in = tk[rh].valid && c >= 1 && c < tk[rh].ic - 1;
+        p[i] = in ? exp2(sc[nt][i] * sl2 - lse2[rh]) : 0.0f;
       }
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        float p[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-          const int rh = i >> 1, c = c0 + 8 * nt + 2 * tig + (i & 1);
-          const bool in = tk[rh].valid && c >= 1 && c < tk[rh].ic - 1;
-          p[i] = in ? exp2(sc[nt][i] * sl2 - lse2[rh]) : 0.0f;
-        }
-        /* sum over the G rows of each token: lanes whose gid differs in its low bits */
+      /* sum over the G rows of each token: lanes whose gid differs in its low bits */
 #if GQ == 16
-        p[0] += p[2], p[1] += p[3];
+      p[0] += p[2], p[1] += p[3];
 #pragma unroll
-        for (int m = 4; m <= 16; m <<= 1) {
-          p[0] += shfl_xor(p[0], m, wx);
-          p[1] += shfl_xor(p[1], m, wx);
-        }
+      for (int m = 4; m <= 16; m <<= 1) {
+        p[0] += shfl_xor(p[0], m, wx);
+        p[1] += shfl_xor(p[1], m, wx);
+      }
 #else
 #pragma unroll
-        for (int m = 4; m < 4 * GQ; m <<= 1) {
+      for (int m = 4; m < 4 * GQ; m <<= 1) {
 #pragma unroll
-          for (int i = 0; i < 4; i++) p[i] += shfl_xor(p[i], m, wx);
-        }
+        for (int i = 0; i < 4; i++) p[i] += shfl_xor(p[i], m, wx);
+      }
 #endif
-        if (gid % GQ == 0) {
+      if (gid % GQ == 0) {
 #pragma unroll
-          for (int i = 0; i < (GQ == 16 ? 2 : 4); i++) {
-            const int rh = i >> 1, c = c0 + 8 * nt + 2 * tig + (i & 1);
-            if (c >= 1 && c < tk[rh].ic - 1 && tk[rh].valid)
-              imp[((gid + 8 * rh) / GQ) * CAP + c - cb] = isnan(p[i]) ? -1.0f : fmin(p[i], IMP_MAX);
-          }
+        for (int i = 0; i < (GQ == 16 ? 2 : 4); i++) {
+          const int rh = i >> 1, c = c0 + 8 * nt + 2 * tig + (i & 1);
+          if (c >= 1 && c < tk[rh].ic - 1 && tk[rh].valid)
+            imp[((gid + 8 * rh) / GQ) * CAP + c] = isnan(p[i]) ? -1.0f : fmin(p[i], IMP_MAX);
         }
       }
     }
-    warp_sync(wx);
+  }
+  warp_sync(wx);
 
-    /* Merge the chunk into each competing token's running list (uniform over the warp). */
-    for (int u = 0; u < TPW; u++) {
-      const topk_token k = token_facts(sq, tok0 + u, h, TPASS(bc), has_counts, S);
-      if (!(k.valid && k.n > k.forced && k.n < k.ic + 1)) continue;
-      __local float *key = imp + u * CAP, *lkey = lkey_l + (warp * TPW + u) * SCAP;
-      __local int *lidx = lidx_l + (warp * TPW + u) * SCAP;
-      const int lo = max(1, cb), hi = min(ce, k.ic - 1), cnt = lcnt[u];
-      const int rounds = min(k.n - k.forced, max(hi - lo, 0) + cnt);
-      for (int r = 0; r < rounds; r++) {
-        float bk = -3.0f;
-        int bc_ = 0x7fffffff;
-        for (int c = lo + lane; c < hi; c += 32) {
-          const float kv = key[c - cb];
-          if (topk_ahead(kv, c, bk, bc_)) bk = kv, bc_ = c;
-        }
-        for (int i = lane; i < cnt; i += 32)
-          if (topk_ahead(lkey[i], lidx[i], bk, bc_)) bk = lkey[i], bc_ = lidx[i];
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const float ok = shfl_xor(bk, off, wx);
-          const int oc = as_int(shfl_xor(as_float(bc_), off, wx));
-          if (topk_ahead(ok, oc, bk, bc_)) bk = ok, bc_ = oc;
-        }
-        if (lane == 0) {
-          nkey[r] = bk, nidx[r] = bc_;
-          if (bc_ >= lo && bc_ < hi) {
-            key[bc_ - cb] = KEY_TAKEN;
-          } else {
-            for (int i = 0; i < cnt; i++)
-              if (lidx[i] == bc_) lkey[i] = KEY_TAKEN;
-          }
-        }
-        warp_sync(wx);
-      }
-      for (int i = lane; i < rounds; i += 32) lkey[i] = nkey[i], lidx[i] = nidx[i];
-      if (lane == 0) lcnt[u] = rounds;
-      warp_sync(wx);
-    }
-  } /* chunks */
-
-  /* Output: the forced blocks and the list, ascending, then -1 (uniform over the warp). */
+  /* Selection, one token at a time (uniform over the warp). */
   for (int u = 0; u < TPW; u++) {
     const topk_token k = token_facts(sq, tok0 + u, h, TPASS(bc), has_counts, S);
     if (!k.valid) continue;
@@ -298,19 +242,36 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
       for (int j = lane; j < S; j += 32) out[j] = j < k.n ? j : -1;
       continue;
     }
-    const int m = min(k.n, k.forced), cnt = m < k.n ? lcnt[u] : 0;
-    __local const int *lidx = lidx_l + (warp * TPW + u) * SCAP;
+    const int m = min(k.n, k.forced);
     if (lane < m) chosen[lane] = lane == 0 ? k.ic : lane == 1 ? k.ic - 1 : 0;
-    for (int i = lane; i < cnt; i += 32) chosen[m + i] = lidx[i];
+    __local float *key = imp + u * CAP;
+    for (int round = m; round < k.n; round++) {
+      float bk = -3.0f;
+      int bc_ = 0x7fffffff;
+      for (int c = 1 + lane; c < k.ic - 1; c += 32) {
+        const float kv = key[c];
+        if (topk_ahead(kv, c, bk, bc_)) bk = kv, bc_ = c;
+      }
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float ok = shfl_xor(bk, off, wx);
+        const int oc = as_int(shfl_xor(as_float(bc_), off, wx));
+        if (topk_ahead(ok, oc, bk, bc_)) bk = ok, bc_ = oc;
+      }
+      if (lane == 0) {
+        chosen[round] = bc_;
+        key[bc_] = KEY_TAKEN;
+      }
+      warp_sync(wx);
+    }
     warp_sync(wx);
-    const int n = m + cnt;
-    for (int i = lane; i < n; i += 32) {
+    for (int i = lane; i < k.n; i += 32) { /* ascending order */
       const int c = chosen[i];
       int pos = 0;
-      for (int t = 0; t < n; t++) pos += chosen[t] < c;
+      for (int t = 0; t < k.n; t++) pos += chosen[t] < c;
       out[pos] = c;
     }
-    for (int j = n + lane; j < S; j += 32) out[j] = -1;
+    for (int j = k.n + lane; j < S; j += 32) out[j] = -1;
     warp_sync(wx);
   }
 }

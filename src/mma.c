@@ -15,12 +15,8 @@
 
 #define VENDOR_NVIDIA 0x10DEu
 
-static float probe_a(int r, int k) {
-  return (float)((r * 3 + k * 5) % 7 - 3);
-}
-static float probe_b(int k, int n) {
-  return (float)((k * 2 + n * 3) % 5 - 2);
-}
+static float probe_a(int r, int k) { return (float)((r * 3 + k * 5) % 7 - 3); }
+static float probe_b(int k, int n) { return (float)((k * 2 + n * 3) % 5 - 2); }
 
 /* Bits of a float that is exact in the 16-bit type (the probe's values all are). */
 static uint32_t bits16(float x, clnsa_dtype dt) {
@@ -49,8 +45,8 @@ static bool probe_matches(const float *out, clnsa_dtype dt) {
     uint32_t t, p;
     memcpy(&t, &o[4], sizeof t);
     memcpy(&p, &o[6], sizeof p);
-    const uint32_t t_want =
-        bits16((float)(2 * tig * 8 + gid), dt) | bits16((float)((2 * tig + 1) * 8 + gid), dt) << 16;
+    const uint32_t t_want = bits16((float)(2 * tig * 8 + gid), dt) |
+                            bits16((float)((2 * tig + 1) * 8 + gid), dt) << 16;
     const uint32_t p_want = bits16(1.5f, dt) | bits16(-2.0f, dt) << 16;
     if (t != t_want || o[5] != (float)(lane ^ 5) || p != p_want) return false;
   }
@@ -104,7 +100,6 @@ clnsa_status mma_mode(clnsa_context *ctx, int *mode) {
 clnsa_mma clnsa_context_tensor_cores(clnsa_context *ctx) {
   int mode = MMA_OFF;
   if (!ctx || mma_mode(ctx, &mode) != CLNSA_SUCCESS) return CLNSA_MMA_NONE;
-  return mode == MMA_HARDWARE   ? CLNSA_MMA_NVIDIA
-         : mode == MMA_EMULATED ? CLNSA_MMA_EMULATED
-                                : CLNSA_MMA_NONE;
+  return mode == MMA_HARDWARE ? CLNSA_MMA_NVIDIA : mode == MMA_EMULATED ? CLNSA_MMA_EMULATED
+                                                                          : CLNSA_MMA_NONE;
 }

@@ -79,11 +79,9 @@ static clnsa_status topk_tune(clnsa_context *ctx, int dk, int g, topk_tuning *t)
 
 /* Tensor-core top-k (cl/topk_mma.cl): q f16/bf16 with k_cmp of q's type (or f32 with
  * bf16 q), G a power of two up to 16 (a token's rows inside one 16-row tile), DK in
- * 32-wide chunks, 16-byte rows. Local memory holds, per warp, 16/G tokens' importances
- * over a chunk of `cap` candidates and their running lists of S, plus the staged k_cmp
- * tile: 4 warps with every candidate in one chunk where that fits, else fewer warps, else
- * smaller chunks (at least 4 tiles). Returns the warps per group, or 0 where the portable
- * kernel runs. */
+ * 32-wide chunks, 16-byte rows, and the importances of NW warps x 16/G tokens x every
+ * candidate block in local memory (NW shrinks to fit). Returns the warps per group, or 0
+ * where the portable kernel runs. */
 static int topk_mma_warps(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
                           const clnsa_tensor *k_cmp, bool emulate, int kt, int *cap) {
   const clnsa_dtype dt = q->dtype;
@@ -93,32 +91,15 @@ static int topk_mma_warps(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
         (G == 1 || G == 2 || G == 4 || G == 8 || G == 16) && d->DK % 32 == 0 && d->DK <= 256 &&
         tensor_rows_aligned16(q, d->DK) && tensor_rows_aligned16(k_cmp, d->DK)))
     return 0;
-  const size_t tpw = (size_t)(16 / G), s = (size_t)(d->S > 0 ? d->S : 1);
   const int tk = d->seqs ? d->seqs->max_k : d->TK;
-  const int nb = (tk + d->BS - 1) / d->BS;
-  const int all = ((nb > 1 ? nb : 1) + kt - 1) / kt * kt; /* every candidate in one chunk */
+  *cap = (tk + d->BS - 1) / d->BS;
+  if (*cap < 1) *cap = 1;
   /* the staged k_cmp tile (rows padded by 64 bytes; f32 kept as hi and lo) */
-  const size_t stage =
-      16 * (size_t)kt * (size_t)(d->DK / 8 + 4) * (k_cmp->dtype == CLNSA_F32 ? 2 : 1);
-  const size_t reserved = 1024 + stage + (emulate ? 4 * 32 * 6 : 0);
-  if ((size_t)ctx->info.local_mem <= reserved) return 0;
-  const size_t budget = (size_t)ctx->info.local_mem - reserved;
-  /* CLNSA_TUNE=TOPK_CAP=n caps the chunk (tests force several chunks with it) */
-  const int cap_max = tuning_env_int("TOPK_CAP", 0, 1) / kt * kt;
-  for (int pass = 0; pass < 2; pass++) {
-    for (int nw = emulate ? 1 : 4; nw >= 1; nw /= 2) {
-      /* per warp: lists (keys, indices) of its tokens, the merge temp, counts, the output
-       * scratch, its share of the c_hi exchange; then what is left for importances */
-      const size_t fixed = 4 * (size_t)nw * (2 * tpw * s + 2 * s + tpw + CLNSA_MAX_BLOCK_COUNT + 1);
-      if ((size_t)(32 * nw) > ctx->info.max_wg || fixed >= budget) continue;
-      int c = (int)((budget - fixed) / (4 * (size_t)nw * tpw)) / kt * kt;
-      if (c > all) c = all;
-      if (cap_max > 0 && c > cap_max) c = cap_max;
-      if (pass == 0 ? c == all || c == cap_max : c >= 4 * kt) {
-        *cap = c;
-        return nw;
-      }
-    }
+  const size_t stage = 16 * (size_t)kt * (size_t)(d->DK / 8 + 4) * (k_cmp->dtype == CLNSA_F32 ? 2 : 1);
+  for (int nw = emulate ? 1 : 4; nw >= 1; nw /= 2) {
+    const size_t bytes = 4 * ((size_t)nw * (16 / G) * (size_t)*cap + (size_t)nw * TOPK_LIST_MAX) +
+                         4 * (size_t)nw + stage + (emulate ? 4 * 32 * 6 : 0) + 1024;
+    if (bytes <= (size_t)ctx->info.local_mem && (size_t)(32 * nw) <= ctx->info.max_wg) return nw;
   }
   return 0;
 }
@@ -143,9 +124,8 @@ clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
     const size_t nseg = d->seqs ? (size_t)d->seqs->n : (size_t)d->B;
     tiles = (cl_int)((maxq + (size_t)per - 1) / (size_t)per);
     file = "warp_ops.cl+attend_setup.cl+topk_mma.cl", name = "topk_mma_select";
-    options_add(&o, "-DDK=%d -DWG=%d -DNW=%d -DGQ=%d -DCAP=%d -DSCAP=%d -DBS=%d -DKT=%d", d->DK,
-                32 * nw, nw, d->G, cap, d->S > 0 ? d->S : 1, d->BS, kt);
-    options_add(&o, " -DMMA_DT=%d", (int)q->dtype);
+    options_add(&o, "-DDK=%d -DWG=%d -DNW=%d -DGQ=%d -DCAP=%d -DBS=%d -DKT=%d -DMMA_DT=%d",
+                d->DK, 32 * nw, nw, d->G, cap, d->BS, kt, (int)q->dtype);
     options_add(&o, " -DWARP_EMULATE=%d", mma == MMA_EMULATED);
     local[0] = (size_t)(32 * nw);
     global[0] = nseg * (size_t)tiles * local[0];
