@@ -515,6 +515,13 @@ int main(int argc, char **argv) {
       clnsa_context_destroy(ctx);
       return 1;
     }
+    /* The compressed branch's tensor-core kernels are opt-in until they run on NVIDIA
+     * (src/backward.c, bwd_mma_cmp_configure): the emulation keeps them tested. */
+    if (clnsa_context_tensor_cores(ctx) == CLNSA_MMA_EMULATED) {
+      char tune[600];
+      snprintf(tune, sizeof tune, "%s,BWD_CMP_MMA=1", getenv("CLNSA_TUNE"));
+      setenv("CLNSA_TUNE", tune, 1);
+    }
     const struct CMUnitTest only[] = {cmocka_unit_test(test_backward_tensor_cores)};
     int rc = cmocka_run_group_tests(only, NULL, NULL);
     clock_gettime(CLOCK_MONOTONIC, &t1);
