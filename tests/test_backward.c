@@ -391,10 +391,11 @@ static void test_block_selected_by_all(void **state) {
  * with an empty sequence, caller indices with holes and duplicates, and the production
  * head dims (128, BS 64). Wherever the context has a tensor-core path (NVIDIA, or
  * CLNSA_TUNE=MMA=2) these run on it; run as `test_backward tensor-cores` the test
- * requires that path. The compressed branch (g_cmp) goes to the tensor cores with bf16
- * (G 1, 2, 3, 16; several blocks; the varlen case; D = 128 with two blocks) and stays
- * portable with f16. Errors are held to 1e-2 (the matrix-unit bound of the semantics)
- * rather than bf16's 2e-2, which a compressed dq off by 10% still met. */
+ * requires that path. The compressed (g_cmp) and window branches run their portable
+ * kernels beside the tensor-core selected ones, so the cases mix them (G 1, 2, 3, 16;
+ * several blocks; the varlen case; D = 128 with two blocks). Errors are held to 1e-2 (the
+ * matrix-unit bound of the semantics) rather than bf16's 2e-2, which a dq off by 10%
+ * still met. */
 static void test_backward_tensor_cores(void **state) {
   (void)state;
   rng r = {harness_seed("backward tensor cores")};
@@ -514,13 +515,6 @@ int main(int argc, char **argv) {
       printf("no tensor-core path on this context (probe failed?)\n");
       clnsa_context_destroy(ctx);
       return 1;
-    }
-    /* The compressed branch's tensor-core kernels are opt-in until they run on NVIDIA
-     * (src/backward.c, bwd_mma_cmp_configure): the emulation keeps them tested. */
-    if (clnsa_context_tensor_cores(ctx) == CLNSA_MMA_EMULATED) {
-      char tune[600];
-      snprintf(tune, sizeof tune, "%s,BWD_CMP_MMA=1", getenv("CLNSA_TUNE"));
-      setenv("CLNSA_TUNE", tune, 1);
     }
     const struct CMUnitTest only[] = {cmocka_unit_test(test_backward_tensor_cores)};
     int rc = cmocka_run_group_tests(only, NULL, NULL);
