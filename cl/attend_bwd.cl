@@ -360,28 +360,6 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void bwd_dq_window
                 ws + dq_off, SEQ_PASS);
 }
 
-/* The valid blocks of one (token, kv head) selection row, deduplicated, first occurrence
- * order, into blist[]; returns their number. raw and keep hold MAX_S ints each. */
-inline int selection_list(__global const int *row, int S, int ic, __local int *raw,
-                          __local int *keep, __local int *blist) {
-  const int lid = get_local_id(0);
-  for (int s = lid; s < S; s += THREADS) raw[s] = row[s];
-  barrier(CLK_LOCAL_MEM_FENCE);
-  for (int s = lid; s < S; s += THREADS) {
-    const int c = raw[s];
-    int k = c >= 0 && c <= ic;
-    for (int x = 0; x < s && k; x++) k = raw[x] != c;
-    keep[s] = k;
-  }
-  barrier(CLK_LOCAL_MEM_FENCE);
-  int n = 0;
-  for (int s = 0; s < S; s++) {
-    if (keep[s] && (s % THREADS) == lid) blist[n] = raw[s];
-    n += keep[s];
-  }
-  return n;
-}
-
 /* Selected branch: a work-group owns QROWS of the G query heads of one token and walks the
  * tokens of the token's selected blocks. */
 __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void bwd_dq_selected(
@@ -395,8 +373,8 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void bwd_dq_select
   const int h = get_group_id(2), G = HQ / H, chunks = (G + QROWS - 1) / QROWS;
   const int i = get_group_id(0) / chunks, g0 = (get_group_id(0) % chunks) * QROWS;
   if (i >= sp.len) return;
-  const int nblk = selection_list(bi + TIDX(bi, sp.b, sp.t0 + i, h), S, i / BS, sel,
-                                  sel + MAX_S, sel + 2 * MAX_S);
+  const int nblk = selection_rows(bi + TIDX(bi, sp.b, sp.t0 + i, h), S, i / BS, sel,
+                                  sel + MAX_S, sel + 2 * MAX_S, THREADS);
   const tile t = tile_carve(lf, li, QROWS, QKEYS);
   dq_walk(t, MODE_SLC, (long)i * G + g0, (long)(i + 1) * G, sp, h, G, nblk * BS, 0, i, 1,
           sel + 2 * MAX_S, scale, 0, BS, TQ, HQ, TPASS(q), TPASS(k), TPASS(v), 0, 0, 0, 0, 0,

@@ -26,7 +26,8 @@
  * registers for the whole walk, B = k and v rows), P and dS in the C layout, which packs
  * into the A fragment of dq += dS K (B = the same k words through movmatrix, kept from
  * S). KT = 16: ptxas for sm_90 gives 234 registers and no spills at DK = DV = 128
- * (tools/ptx_check.sh); KT = 32 spills, the k words of a tile staying live. Each warp keeps 16 x DK f32 partial dq;
+ * (tools/ptx_check.sh); KT = 32 spills, the k words of a tile staying live. Each warp
+ * keeps 16 x DK f32 partial dq;
  * at the end warp 0 writes them to local memory and warps 1, 2, ... add theirs in that
  * order, so dq = scale ((w0 + w1) + w2) + ... whatever the scheduling.
  *
@@ -45,9 +46,8 @@
  *
  * Masked pairs (key position after the row's token, key past the block or sequence, row
  * past the group's rows) get P = dS = 0; loads of keys or rows past the end read zeros.
- * The selection-list helper is repeated here (selection_rows) so that this program does
- * not carry the portable kernels' local tiles; the mask expansion (mask_expand) comes
- * from cl/bwd_mask.cl, which precedes both files.
+ * The selection list (selection_rows) and the mask expansion (mask_expand) come from
+ * cl/bwd_mask.cl, which precedes both kernel files.
  */
 #ifndef DK
 #define DK 128
@@ -144,30 +144,6 @@ inline bwd_seq bwd_sequence(__global const int *cu, int nseq, int TQ, int s) {
   bwd_seq q = {s, 0, TQ};
   if (nseq > 0) q.b = 0, q.t0 = cu[s], q.len = cu[s + 1] - cu[s];
   return q;
-}
-
-/* The valid blocks of one (token, kv head) selection row, deduplicated, in first
- * occurrence order, into blist[]; returns their number (cl/attend_bwd.cl's
- * selection_list). raw and keep hold MAX_S ints each. Ends with a barrier. */
-inline int selection_rows(__global const int *row, int S, int ic, __local int *raw,
-                          __local int *keep, __local int *blist, int wg) {
-  const int lid = get_local_id(0);
-  for (int s = lid; s < S; s += wg) raw[s] = row[s];
-  barrier(CLK_LOCAL_MEM_FENCE);
-  for (int s = lid; s < S; s += wg) {
-    const int c = raw[s];
-    int k = c >= 0 && c <= ic;
-    for (int x = 0; x < s && k; x++) k = raw[x] != c;
-    keep[s] = k;
-  }
-  barrier(CLK_LOCAL_MEM_FENCE);
-  int n = 0;
-  for (int s = 0; s < S; s++) {
-    if (keep[s] && (s % wg) == lid) blist[n] = raw[s];
-    n += keep[s];
-  }
-  barrier(CLK_LOCAL_MEM_FENCE);
-  return n;
 }
 
 /* Does key slot u (of nkeys) of the selection list lie at or before position i? */

@@ -168,6 +168,20 @@ inline bool key_visible(int kidx, int khi, int lo, int hi, __local const int *li
 #endif
 }
 
+#if MODE == 2
+/* Row r's softmax state merged over the warps' partial states (m_w, l_w): (M, L) with
+ * M = max m_w and L = sum l_w exp2(m_w - M). */
+inline float2 merged_state(__local const float *part_m, __local const float *part_l, int r) {
+  float M = -INFINITY, L = 0.0f;
+  for (int w = 0; w < NW; w++) M = fmax(M, part_m[w * 16 + r]);
+  for (int w = 0; w < NW; w++) {
+    const float mw = part_m[w * 16 + r];
+    L += mw == -INFINITY ? 0.0f : part_l[w * 16 + r] * exp2(mw - M);
+  }
+  return (float2)(M, L);
+}
+#endif
+
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     CTENSOR(Q_DT, q), CTENSOR(K_DT, k), CTENSOR(V_DT, v), CITENSOR(bi), TENSOR(O_DT, o),
     TENSOR(0, lse), SEQ_ARGS, float scale, int W, int S, int tiles) {
@@ -419,12 +433,8 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   float wgt[2];
 #pragma unroll
   for (int rh = 0; rh < 2; rh++) {
-    const int r = gid + 8 * rh;
-    float M = -INFINITY, L = 0.0f;
-    for (int w = 0; w < NW; w++) M = fmax(M, part_m[w * 16 + r]);
-    for (int w = 0; w < NW; w++)
-      L += part_m[w * 16 + r] == -INFINITY ? 0.0f : part_l[w * 16 + r] * exp2(part_m[w * 16 + r] - M);
-    wgt[rh] = L > 0.0f && m[rh] != -INFINITY ? exp2(m[rh] - M) / L : 0.0f;
+    const float2 ML = merged_state(part_m, part_l, gid + 8 * rh);
+    wgt[rh] = ML.y > 0.0f && m[rh] != -INFINITY ? exp2(m[rh] - ML.x) / ML.y : 0.0f;
   }
 #pragma unroll
   for (int c = 0; c < DVC; c++) {
@@ -447,11 +457,10 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #if HAS_LSE
   for (int r = lid; r < 16; r += WG) {
     const int t = rows.tok[r];
-    float M = -INFINITY, L = 0.0f;
-    for (int w = 0; w < NW; w++) M = fmax(M, part_m[w * 16 + r]);
-    for (int w = 0; w < NW; w++)
-      L += part_m[w * 16 + r] == -INFINITY ? 0.0f : part_l[w * 16 + r] * exp2(part_m[w * 16 + r] - M);
-    if (t >= 0) lse[TIDX(lse, grp.b, t, rows.hq[r])] = L > 0.0f ? (M + log2(L)) * M_LN2_F : -INFINITY;
+    const float2 ML = merged_state(part_m, part_l, r);
+    if (t >= 0)
+      lse[TIDX(lse, grp.b, t, rows.hq[r])] =
+          ML.y > 0.0f ? (ML.x + log2(ML.y)) * M_LN2_F : -INFINITY;
   }
 #else
   (void)lse, (void)lse_off, (void)lse_s0, (void)lse_s1, (void)lse_s2;

@@ -1,5 +1,6 @@
 /* Shared by the selected branch's backward kernels, portable (cl/attend_bwd.cl) and on
- * tensor cores (cl/attend_bwd_mma.cl); prepended to either by src/backward.c. */
+ * tensor cores (cl/attend_bwd_mma.cl); prepended to either by src/backward.c: the
+ * selection list of a query (dq) and the expansion of a block's selection mask (dk/dv). */
 #ifndef MASK_WORDS
 #define MASK_WORDS 16 /* selection-mask words expanded at once; at most the work-group size */
 #endif
@@ -23,6 +24,30 @@ inline int mask_expand(__global const uint *mrow, int w0, int wend, __local uint
     const uint bits = words[lid];
     for (int x = 0; x < 32; x++)
       if ((bits >> x) & 1u) list[before++] = (w0 + lid) * 32 + x;
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  return n;
+}
+
+/* The valid blocks (0 <= c <= ic) of one (token, kv head) selection row, deduplicated,
+ * in first occurrence order, into blist[]; returns their number. raw and keep hold S ints
+ * each; wg is the work-group size. Contains barriers (call from every item); ends with one. */
+inline int selection_rows(__global const int *row, int S, int ic, __local int *raw,
+                          __local int *keep, __local int *blist, int wg) {
+  const int lid = get_local_id(0);
+  for (int s = lid; s < S; s += wg) raw[s] = row[s];
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int s = lid; s < S; s += wg) {
+    const int c = raw[s];
+    int k = c >= 0 && c <= ic;
+    for (int x = 0; x < s && k; x++) k = raw[x] != c;
+    keep[s] = k;
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  int n = 0;
+  for (int s = 0; s < S; s++) {
+    if (keep[s] && (s % wg) == lid) blist[n] = raw[s];
+    n += keep[s];
   }
   barrier(CLK_LOCAL_MEM_FENCE);
   return n;

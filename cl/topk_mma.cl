@@ -129,7 +129,8 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
   __local int chi_l[NW];
   WARP_SCRATCH(wx);
   (void)block_size, (void)G, (void)B, (void)NB, (void)HQ; /* BS and GQ are compiled in */
-  const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5, gid = lane >> 2, tig = lane & 3;
+  const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
   const int h = get_group_id(1), s = get_group_id(0) / tiles;
   const attend_seq sq = locate_seq(cu, nseq, TQ, TK, s);
   const int tok0 = ((get_group_id(0) - s * tiles) * NW + warp) * TPW;

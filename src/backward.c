@@ -313,7 +313,8 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
   for (int x = 0; x < 3; x++) {
     if (!runs[x] || (x == BRANCH_SLC && p->mma)) continue;
     CHECK_STATUS(program_kernel(ctx, "bwd_mask.cl+attend_bwd.cl", o.text, dq_names[x], &p->dq[x]));
-    CHECK_STATUS(program_kernel(ctx, "bwd_mask.cl+attend_bwd.cl", o.text, kv_names[x], &p->dkdv[x]));
+    CHECK_STATUS(
+        program_kernel(ctx, "bwd_mask.cl+attend_bwd.cl", o.text, kv_names[x], &p->dkdv[x]));
   }
   if (p->mma) {
     build_options ot = {{0}, 0};

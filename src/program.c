@@ -152,8 +152,8 @@ static unsigned char *program_binary(cl_program p, size_t *size) {
 static clnsa_status build_log_fail(clnsa_context *ctx, cl_program p, const char *file,
                                    const char *options) {
   size_t n = 0;
-  int head = snprintf(ctx->message, sizeof ctx->message, "building %s with [%s] failed:\n",
-                      file, options);
+  int head =
+      snprintf(ctx->message, sizeof ctx->message, "building %s with [%s] failed:\n", file, options);
   if (head < 0 || (size_t)head >= sizeof ctx->message) head = 0;
   clGetProgramBuildInfo(p, ctx->device, CL_PROGRAM_BUILD_LOG, sizeof ctx->message - head - 1,
                         ctx->message + head, &n);
@@ -182,7 +182,8 @@ static clnsa_status program_source(clnsa_context *ctx, const char *file, char **
     p = end ? end + 1 : p + k;
   }
   for (int i = 0; i < n; i++)
-    if (!parts[i]) return clnsa_fail(ctx, CLNSA_ERR_BUILD, "kernel source %s is not embedded", file);
+    if (!parts[i])
+      return clnsa_fail(ctx, CLNSA_ERR_BUILD, "kernel source %s is not embedded", file);
   char *src = malloc(len + 1);
   if (!src) return CLNSA_ERR_OUT_OF_HOST_MEMORY;
   size_t at = 0;
@@ -222,7 +223,7 @@ static clnsa_status build_program(clnsa_context *ctx, const char *file, const ch
       *out = p;
       return CLNSA_SUCCESS;
     }
-    if (p) clReleaseProgram(p);  /* stale or corrupt entry: rebuild from source */
+    if (p) clReleaseProgram(p); /* stale or corrupt entry: rebuild from source */
   }
   const char *srcs[1] = {src};
   p = clCreateProgramWithSource(ctx->cl, 1, srcs, &len, &err);

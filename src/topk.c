@@ -95,7 +95,8 @@ static int topk_mma_warps(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
   *cap = (tk + d->BS - 1) / d->BS;
   if (*cap < 1) *cap = 1;
   /* the staged k_cmp tile (rows padded by 64 bytes; f32 kept as hi and lo) */
-  const size_t stage = 16 * (size_t)kt * (size_t)(d->DK / 8 + 4) * (k_cmp->dtype == CLNSA_F32 ? 2 : 1);
+  const size_t stage =
+      16 * (size_t)kt * (size_t)(d->DK / 8 + 4) * (k_cmp->dtype == CLNSA_F32 ? 2 : 1);
   for (int nw = emulate ? 1 : 4; nw >= 1; nw /= 2) {
     const size_t bytes = 4 * ((size_t)nw * (16 / G) * (size_t)*cap + (size_t)nw * TOPK_LIST_MAX) +
                          4 * (size_t)nw + stage + (emulate ? 4 * 32 * 6 : 0) + 1024;
@@ -124,8 +125,8 @@ clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
     const size_t nseg = d->seqs ? (size_t)d->seqs->n : (size_t)d->B;
     tiles = (cl_int)((maxq + (size_t)per - 1) / (size_t)per);
     file = "warp_ops.cl+attend_setup.cl+topk_mma.cl", name = "topk_mma_select";
-    options_add(&o, "-DDK=%d -DWG=%d -DNW=%d -DGQ=%d -DCAP=%d -DBS=%d -DKT=%d -DMMA_DT=%d",
-                d->DK, 32 * nw, nw, d->G, cap, d->BS, kt, (int)q->dtype);
+    options_add(&o, "-DDK=%d -DWG=%d -DNW=%d -DGQ=%d -DCAP=%d -DBS=%d -DKT=%d -DMMA_DT=%d", d->DK,
+                32 * nw, nw, d->G, cap, d->BS, kt, (int)q->dtype);
     options_add(&o, " -DWARP_EMULATE=%d", mma == MMA_EMULATED);
     local[0] = (size_t)(32 * nw);
     global[0] = nseg * (size_t)tiles * local[0];

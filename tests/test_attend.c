@@ -81,11 +81,11 @@ static void problem_init(problem *pb, const attend_case *c, rng *r) {
     assert_int_equal(clnsa_seqs_create(ctx, &pb->p, c->nseq, c->cu_q, c->cu_k, &pb->seqs), 0);
   pb->qdt = c->dt;
   pb->kdt = c->mixed == KV_OTHERS ? (clnsa_dtype)((c->dt + 1) % 3)
-            : c->mixed == KV_F32    ? CLNSA_F32
-                                    : c->dt;
+            : c->mixed == KV_F32  ? CLNSA_F32
+                                  : c->dt;
   pb->vdt = c->mixed == KV_OTHERS ? (clnsa_dtype)((c->dt + 2) % 3)
-            : c->mixed == KV_F32    ? CLNSA_F32
-                                    : c->dt;
+            : c->mixed == KV_F32  ? CLNSA_F32
+                                  : c->dt;
   int64_t B = s->B, TQ = s->TQ, TK = s->TK, H = s->H, HQ = s->HQ;
   int64_t q[4] = {B, TQ, HQ, c->DK}, k[4] = {B, TK, H, c->DK}, v[4] = {B, TK, H, c->DV};
   int64_t o[4] = {B, TQ, HQ, c->DV}, l[3] = {B, TQ, HQ};
@@ -137,8 +137,11 @@ static void outputs_check(const problem *pb, outputs *out, clnsa_status st, cl_e
       "# %-10s %-14s B=%d TQ=%d TK=%d H=%d G=%d DK=%d DV=%d BS=%d S=%d W=%d nseq=%d "
       "%s%s: o %.2e lse %.2e\n",
       branch, c->name, pb->s.B, pb->s.TQ, pb->s.TK, c->H, c->G, c->DK, c->DV, c->BS, c->S, W,
-      c->nseq, dtype_label(c->dt), c->mixed == KV_F32 ? "+kv f32" : c->mixed ? "+mixed" : "", eo,
-      el);
+      c->nseq, dtype_label(c->dt),
+      c->mixed == KV_F32 ? "+kv f32"
+      : c->mixed         ? "+mixed"
+                         : "",
+      eo, el);
   assert_true(eo < tolerance(pb));
   assert_true(el < 1e-5);
   dev_free(&out->o), dev_free(&out->lse);
@@ -256,7 +259,8 @@ static void test_attend_shapes(void **state) {
        CLNSA_F32,
        0,
        0,
-       0, 0},
+       0,
+       0},
       {"varlen same",
        1,
        0,
@@ -274,7 +278,8 @@ static void test_attend_shapes(void **state) {
        CLNSA_F32,
        0,
        0,
-       0, 0},
+       0,
+       0},
       {"long", 1, 300, 300, 1, 1, 32, 24, 8, 16, {33, 77, 400}, 0, {0}, {0}, CLNSA_F32, 0, 0, 0, 0},
       {"peaked", 1, 64, 64, 2, 2, 32, 24, 8, 8, {20}, 0, {0}, {0}, CLNSA_F32, 0, 3.0, 0.7f, 0},
   };
@@ -301,8 +306,8 @@ static void test_attend_dtypes_dims(void **state) {
 static void test_attend_small_tiles(void **state) {
   (void)state;
   rng r = {harness_seed("attend small tiles")};
-  static const attend_case c = {"tune", 1,    50, 50,  2,   3,         32, 24, 8,
-                                6,      {19}, 0,  {0}, {0}, CLNSA_F32, 0,  0,  0, 0};
+  static const attend_case c = {"tune", 1, 50,  50,  2,         3, 32, 24, 8, 6,
+                                {19},   0, {0}, {0}, CLNSA_F32, 0, 0,  0,  0};
   setenv("CLNSA_TUNE", "ROWS=4,KT=8,PREFETCH=1", 1);
   run_case(&c, &r);
   unsetenv("CLNSA_TUNE");
@@ -335,7 +340,8 @@ static void test_attend_selected_packed(void **state) {
        CLNSA_F32,
        0,
        0,
-       0, 0},
+       0,
+       0},
       {"pack G2 varlen",
        1,
        0,
@@ -353,7 +359,8 @@ static void test_attend_selected_packed(void **state) {
        CLNSA_F32,
        0,
        0,
-       0, 0},
+       0,
+       0},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], &r);
   setenv("CLNSA_TUNE", "ROWS=8", 1);
@@ -369,8 +376,8 @@ static void test_attend_selected_packed(void **state) {
 static void test_attend_without_lse(void **state) {
   (void)state;
   rng r = {harness_seed("attend without lse")};
-  static const attend_case c = {"no lse", 1,   21, 21,  1,   2,         32, 24, 8,
-                                4,        {5}, 0,  {0}, {0}, CLNSA_F32, 0,  0,  0, 0};
+  static const attend_case c = {"no lse", 1, 21,  21,  1,         2, 32, 24, 8, 4,
+                                {5},      0, {0}, {0}, CLNSA_F32, 0, 0,  0,  0};
   problem pb;
   problem_init(&pb, &c, &r);
   pb.s.W = pb.p.window = 5;
@@ -403,8 +410,8 @@ static void expect_empty(dev_tensor *o, dev_tensor *lse, const char *what) {
 static void test_attend_empty(void **state) {
   (void)state;
   rng r = {harness_seed("attend empty")};
-  static const attend_case c = {"empty", 1,   7, 7,   2,   2,         32, 24, 8,
-                                3,       {0}, 0, {0}, {0}, CLNSA_F32, 0,  0,  0, 0};
+  static const attend_case c = {"empty", 1, 7,   7,   2,         2, 32, 24, 8, 3,
+                                {0},     0, {0}, {0}, CLNSA_F32, 0, 0,  0,  0};
   problem pb;
   problem_init(&pb, &c, &r);
   cl_event ev;
@@ -485,7 +492,25 @@ static void test_attend_tensor_cores(void **state) {
        1},
       {"tc peaked", 1, 48, 48, 1, 4, 64, 64, 8, 5, {48}, 0, {0}, {0}, CLNSA_F16, 0, 3.0, 0.7f, 1},
       {"tc kv f32", 1, 75, 75, 1, 16, 64, 96, 8, 4, {20}, 0, {0}, {0}, CLNSA_BF16, KV_F32, 0, 0, 1},
-      {"tc kv f32 G2", 1, 40, 40, 2, 2, 32, 32, 8, 3, {40}, 0, {0}, {0}, CLNSA_BF16, KV_F32, 2.0, 0, 1},
+      {"tc kv f32 G2",
+       1,
+       40,
+       40,
+       2,
+       2,
+       32,
+       32,
+       8,
+       3,
+       {40},
+       0,
+       {0},
+       {0},
+       CLNSA_BF16,
+       KV_F32,
+       2.0,
+       0,
+       1},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], &r);
 }
@@ -495,8 +520,8 @@ static void test_attend_tensor_cores(void **state) {
 static void test_attend_rejects(void **state) {
   (void)state;
   rng r = {harness_seed("attend rejects")};
-  static const attend_case c = {"rejects", 1,   17, 17,  1,   2,         32, 24, 8,
-                                3,         {0}, 0,  {0}, {0}, CLNSA_F32, 0,  0,  0, 0};
+  static const attend_case c = {"rejects", 1, 17,  17,  1,         2, 32, 24, 8, 3,
+                                {0},       0, {0}, {0}, CLNSA_F32, 0, 0,  0,  0};
   problem pb;
   problem_init(&pb, &c, &r);
   int64_t shc[4] = {1, 2, 1, 32}, shvc[4] = {1, 2, 1, 24}; /* ceil(17/8) = 3, not 2 */
@@ -539,11 +564,10 @@ int main(int argc, char **argv) {
     return rc;
   }
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_attend_tensor_cores),
-      cmocka_unit_test(test_attend_shapes),      cmocka_unit_test(test_attend_dtypes_dims),
-      cmocka_unit_test(test_attend_small_tiles), cmocka_unit_test(test_attend_selected_packed),
-      cmocka_unit_test(test_attend_without_lse),
-      cmocka_unit_test(test_attend_empty),       cmocka_unit_test(test_attend_rejects),
+      cmocka_unit_test(test_attend_tensor_cores),    cmocka_unit_test(test_attend_shapes),
+      cmocka_unit_test(test_attend_dtypes_dims),     cmocka_unit_test(test_attend_small_tiles),
+      cmocka_unit_test(test_attend_selected_packed), cmocka_unit_test(test_attend_without_lse),
+      cmocka_unit_test(test_attend_empty),           cmocka_unit_test(test_attend_rejects),
   };
   int rc = cmocka_run_group_tests(tests, NULL, NULL);
   clnsa_context_destroy(ctx);
