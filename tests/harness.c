@@ -23,7 +23,7 @@ clnsa_context *harness_context(void) {
   return ctx;
 }
 
-bool harness_tensor_cores(clnsa_context *ctx) {
+static bool tensor_cores_path(clnsa_context *ctx) {
   cl_uint vendor = 0;
   clGetDeviceInfo(clnsa_context_device(ctx), CL_DEVICE_VENDOR_ID, sizeof vendor, &vendor, NULL);
   if (vendor != 0x10DE) {
@@ -36,6 +36,16 @@ bool harness_tensor_cores(clnsa_context *ctx) {
   const clnsa_mma got = clnsa_context_tensor_cores(ctx);
   printf("# vendor 0x%x: tensor-core path %d (want %d)\n", vendor, (int)got, (int)want);
   return got == want;
+}
+
+bool harness_tensor_cores_mode(clnsa_context *ctx, int argc, char **argv) {
+  if (argc < 2 || strcmp(argv[1], "tensor-cores") != 0) return false;
+  if (!tensor_cores_path(ctx)) {
+    printf("no tensor-core path on this context (probe failed?)\n");
+    clnsa_context_destroy(ctx);
+    exit(1);
+  }
+  return true;
 }
 
 uint64_t harness_seed(const char *test_name) {

@@ -13,10 +13,12 @@
 /* The context for the device named by CLNSA_DEVICE (default device otherwise); exits
  * with 77 (skipped) when no OpenCL device exists. */
 clnsa_context *harness_context(void);
-/* For the suite entries that exist to test the tensor-core kernels: NVIDIA devices must
- * have the hardware path (its probe passed); any other device is switched to the
- * emulation (CLNSA_TUNE gains MMA=2). False when the wanted path is not there. */
-bool harness_tensor_cores(clnsa_context *ctx);
+/* `test_x tensor-cores`: the suite entries that exist for the tensor-core kernels. True
+ * when argv asks for that mode; NVIDIA devices must then have the hardware path (its
+ * probe passed), any other device is switched to the emulation (CLNSA_TUNE gains MMA=2);
+ * where the wanted path is not there it says so and exits with 1, so such an entry never
+ * passes on the portable kernels. False (nothing changed) without the argument. */
+bool harness_tensor_cores_mode(clnsa_context *ctx, int argc, char **argv);
 
 /* Random numbers: one generator per test, seeded from CLNSA_TEST_SEED or the clock,
  * and the seed printed so that a failure can be replayed. */

@@ -551,13 +551,7 @@ static void test_attend_rejects(void **state) {
 
 int main(int argc, char **argv) {
   ctx = harness_context();
-  if (argc > 1 && strcmp(argv[1], "tensor-cores") == 0) {
-    /* the suite entry that exists for the tensor-core kernels must not pass on others */
-    if (!harness_tensor_cores(ctx)) {
-      printf("no tensor-core path on this context (probe failed?)\n");
-      clnsa_context_destroy(ctx);
-      return 1;
-    }
+  if (harness_tensor_cores_mode(ctx, argc, argv)) {
     const struct CMUnitTest only[] = {cmocka_unit_test(test_attend_tensor_cores)};
     int rc = cmocka_run_group_tests(only, NULL, NULL);
     clnsa_context_destroy(ctx);
