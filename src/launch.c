@@ -1,7 +1,25 @@
 /* Enqueue chains: a multi-kernel operation behaves like one clEnqueue* call. The first
  * kernel waits on the caller's list, each next one on its predecessor (so out-of-order
  * queues stay correct), and the caller receives the last event. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "internal.h"
+
+/* CLNSA_TRACE=1: every kernel is waited for and named on stderr before the next one is
+ * enqueued, so that a kernel that hangs or faults names itself (debugging only: it
+ * serialises the queue). */
+static void trace_kernel(cl_kernel k, cl_event ev) {
+  const char *env = getenv("CLNSA_TRACE");
+  if (!env || strcmp(env, "1") != 0) return;
+  char name[128] = "?";
+  clGetKernelInfo(k, CL_KERNEL_FUNCTION_NAME, sizeof name - 1, name, NULL);
+  fprintf(stderr, "clnsa trace: %s ...", name);
+  fflush(stderr);
+  const cl_int err = clWaitForEvents(1, &ev);
+  fprintf(stderr, " %s\n", err == CL_SUCCESS ? "done" : "FAILED");
+}
 
 void chain_begin(enqueue_chain *c, cl_uint nwait, const cl_event *wait) {
   c->nwait = nwait;
@@ -31,6 +49,7 @@ clnsa_status chain_launch(clnsa_context *ctx, enqueue_chain *c, cl_kernel k, cl_
     return clnsa_fail(ctx, CLNSA_ERR_OPENCL, "enqueueing kernel %s failed with OpenCL error %d",
                       name, (int)err);
   }
+  trace_kernel(k, ev);
   if (c->last) clReleaseEvent(c->last);
   c->last = ev;
   return CLNSA_SUCCESS;
@@ -38,8 +57,8 @@ clnsa_status chain_launch(clnsa_context *ctx, enqueue_chain *c, cl_kernel k, cl_
 
 clnsa_status chain_end(clnsa_context *ctx, enqueue_chain *c, cl_event *event) {
   if (!c->last && event) {
-    cl_int err = clEnqueueMarkerWithWaitList(ctx->queue, c->nwait, c->nwait ? c->wait : NULL,
-                                             &c->last);
+    cl_int err =
+        clEnqueueMarkerWithWaitList(ctx->queue, c->nwait, c->nwait ? c->wait : NULL, &c->last);
     if (err != CL_SUCCESS) return clnsa_cl_fail(ctx, err, "clEnqueueMarkerWithWaitList");
   }
   if (event)
