@@ -15,7 +15,9 @@
  *                        heads -> selected partial sums per chunk
  *   (bwd_dq_selected_mma and bwd_dkdv_selected_mma of cl/attend_bwd_mma.cl instead of the
  *   two selected kernels where tensor cores run and the tensors qualify: same arguments,
- *   same outputs, other group sizes; see bwd_mma_fits)
+ *   same outputs, other group sizes; see bwd_mma_fits; likewise bwd_dq_compressed_mma and
+ *   bwd_dkdv_compressed_mma of cl/attend_bwd_cmp_mma.cl for the compressed pair with bf16
+ *   q: bwd_mma_cmp_configure)
  *   bwd_dkdv_window      one work-group per key tile -> window dk/dv
  *   bwd_dkdv_compressed  one work-group per (block tile, token chunk) -> compressed
  *                        partial sums per token chunk
@@ -233,8 +235,10 @@ typedef struct bwd_plan {
   cl_long base;                                 /* element offset of the scratch in buf */
   clnsa_tensor idx, k_cmp, v_cmp, o[3], lse[3]; /* saved by the forward, by branch */
   cl_kernel gates, mask, chunks, scan, dq[3], dkdv[3], reduce, fin_q, fin_kv;
-  bool mma, mma_emulated; /* the selected kernels are cl/attend_bwd_mma.cl's */
-  int dq_nw, kv_nw;       /* their warps per group */
+  bool mma, mma_emulated;      /* the selected kernels are cl/attend_bwd_mma.cl's */
+  bool cmp_dq_mma, cmp_kv_mma; /* the compressed dq, dk/dv kernels too (bf16 q) */
+  int dq_nw, kv_nw;            /* their warps per group: selected dq, dk/dv */
+  int cq_nw, ckv_nw;           /* compressed dq, dk/dv */
 } bwd_plan;
 
 static void plan_views(bwd_plan *p, const clnsa_workspace *ws) {
@@ -282,6 +286,8 @@ static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool 
                               bwd_plan *p) {
   const int per_block = (d->BS + 15) / 16;
   p->dq_nw = emulate ? 1 : tuning_env_int("BWD_MMA_NW", 4, 1);
+  p->cq_nw = emulate ? 1 : 4; /* the compressed kernels: bwd_mma_cmp_configure */
+  p->ckv_nw = emulate ? 1 : 2;
   p->kv_nw = emulate ? 1 : per_block < 4 ? per_block : 4;
   const size_t scratch = emulate ? 4 * 32 * 6 : 0;
   const size_t dq_bytes = 4 * (3 * (size_t)CLNSA_MAX_BLOCK_COUNT + 16 * ((size_t)d->DK + 4));
@@ -290,6 +296,26 @@ static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool 
   const size_t most = dq_bytes > kv_bytes ? dq_bytes : kv_bytes;
   const int nw = p->dq_nw > p->kv_nw ? p->dq_nw : p->kv_nw;
   return (size_t)(32 * nw) <= ctx->info.max_wg && most + scratch + 1024 <= ctx->info.local_mem;
+}
+
+/* Tensor-core compressed kernels (cl/attend_bwd_cmp_mma.cl): k_cmp and v_cmp are the forward's
+ * f32 rows, split into bf16 hi + lo on the tensor cores, so q and do must be bf16 (an f16
+ * split would lose small values to f16's range: f16 q runs the portable kernels). dq: 4
+ * warps of 16 rows share a staged tile of 16 blocks (hi and lo, 64-byte padded rows);
+ * dk/dv: a warp owns 16 blocks whose hi/lo A fragments wait in local memory, 2 warps a
+ * group where that fits (1 for DK = 256). */
+static bool bwd_mma_cmp_configure(const clnsa_context *ctx, const nsa_dims *d,
+                                  const clnsa_inputs *in, bwd_plan *p) {
+  if (!p->mma || !p->cmp || in->q->dtype != CLNSA_BF16 || p->k_cmp.dtype != CLNSA_F32 ||
+      p->v_cmp.dtype != CLNSA_F32 || !tensor_rows_aligned16(&p->k_cmp, d->DK) ||
+      !tensor_rows_aligned16(&p->v_cmp, d->DV))
+    return false;
+  const size_t scratch = p->mma_emulated ? 4 * 32 * 6 : 0, room = ctx->info.local_mem - 1024;
+  const size_t dq_bytes = 2 * 16 * 16 * (size_t)(d->DK / 8 + 4 + d->DV / 8 + 4);
+  const size_t per_warp = 2 * 16 * 2 * (size_t)(d->DK / 32 + d->DV / 32) * 32;
+  while (p->ckv_nw > 1 && per_warp * p->ckv_nw + scratch > room) p->ckv_nw--;
+  return ctx->info.local_mem > 1024 && (size_t)(32 * p->cq_nw) <= ctx->info.max_wg &&
+         dq_bytes + scratch <= room && per_warp * p->ckv_nw + scratch <= room;
 }
 
 static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
@@ -312,22 +338,31 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
   const bool runs[3] = {true, p->cmp, p->swa};
   for (int x = 0; x < 3; x++) {
     if (!runs[x] || (x == BRANCH_SLC && p->mma)) continue;
-    CHECK_STATUS(program_kernel(ctx, "bwd_mask.cl+attend_bwd.cl", o.text, dq_names[x], &p->dq[x]));
-    CHECK_STATUS(
-        program_kernel(ctx, "bwd_mask.cl+attend_bwd.cl", o.text, kv_names[x], &p->dkdv[x]));
+    if (x != BRANCH_CMP || !p->cmp_dq_mma)
+      CHECK_STATUS(
+          program_kernel(ctx, "bwd_mask.cl+attend_bwd.cl", o.text, dq_names[x], &p->dq[x]));
+    if (x != BRANCH_CMP || !p->cmp_kv_mma)
+      CHECK_STATUS(
+          program_kernel(ctx, "bwd_mask.cl+attend_bwd.cl", o.text, kv_names[x], &p->dkdv[x]));
   }
   if (p->mma) {
     build_options ot = {{0}, 0};
     options_add(&ot, "-DDK=%d -DDV=%d -DDQ_NW=%d -DKV_NW=%d -DMASK_WORDS=%d", d->DK, d->DV,
                 p->dq_nw, p->kv_nw, BWD_MMA_MASK_WORDS);
+    options_add(&ot, " -DCQ_NW=%d -DCKV_NW=%d", p->cq_nw, p->ckv_nw);
     options_add(&ot, " -DMMA_DT=%d -DWARP_EMULATE=%d", (int)in->q->dtype, p->mma_emulated);
     options_add_dtype(&ot, "Q", in->q);
     options_add_dtype(&ot, "K", in->k);
     options_add_dtype(&ot, "V", in->v);
     options_add_dtype(&ot, "DO", p->d_o);
-    const char *file = "warp_ops.cl+bwd_mask.cl+attend_bwd_mma.cl";
+    const char *file = "warp_ops.cl+bwd_mask.cl+attend_bwd_mma.cl+attend_bwd_cmp_mma.cl";
     CHECK_STATUS(program_kernel(ctx, file, ot.text, "bwd_dq_selected_mma", &p->dq[BRANCH_SLC]));
     CHECK_STATUS(program_kernel(ctx, file, ot.text, "bwd_dkdv_selected_mma", &p->dkdv[BRANCH_SLC]));
+    if (p->cmp_dq_mma)
+      CHECK_STATUS(program_kernel(ctx, file, ot.text, "bwd_dq_compressed_mma", &p->dq[BRANCH_CMP]));
+    if (p->cmp_kv_mma)
+      CHECK_STATUS(
+          program_kernel(ctx, file, ot.text, "bwd_dkdv_compressed_mma", &p->dkdv[BRANCH_CMP]));
   }
 
   build_options om = {{0}, 0};
@@ -511,12 +546,16 @@ static clnsa_status enqueue_dq(clnsa_context *ctx, const bwd_plan *p, int x, enq
   arg_int(&a, d->BS);
   arg_seq(&a, d);
   /* selected: one group per (token, QROWS heads; 16 on tensor cores); others: QROWS
-   * flattened (token, g) rows */
-  const bool mma = x == BRANCH_SLC && p->mma;
-  const size_t groups = x != BRANCH_SLC ? ceil_div(len * (size_t)d->G, rows)
-                        : mma           ? len * ceil_div((size_t)d->G, 16)
-                                        : len * ceil_div((size_t)d->G, rows);
-  size_t local[3] = {mma ? 32 * (size_t)p->dq_nw : (size_t)p->tune.threads, 1, 1};
+   * flattened (token, g) rows (compressed on tensor cores: 16 per warp) */
+  const bool mma = x == BRANCH_SLC && p->mma, mma_cmp = x == BRANCH_CMP && p->cmp_dq_mma;
+  const size_t groups = mma_cmp           ? ceil_div(len * (size_t)d->G, 16 * (size_t)p->cq_nw)
+                        : x != BRANCH_SLC ? ceil_div(len * (size_t)d->G, rows)
+                        : mma             ? len * ceil_div((size_t)d->G, 16)
+                                          : len * ceil_div((size_t)d->G, rows);
+  size_t local[3] = {mma       ? 32 * (size_t)p->dq_nw
+                     : mma_cmp ? 32 * (size_t)p->cq_nw
+                               : (size_t)p->tune.threads,
+                     1, 1};
   size_t global[3] = {groups * local[0], seq_groups(d), (size_t)d->H};
   return launch(ctx, c, &a, 3, global, local);
 }
@@ -525,8 +564,10 @@ static clnsa_status enqueue_dkdv(clnsa_context *ctx, const bwd_plan *p, int x, e
   const nsa_dims *d = p->d;
   const bwd_layout *l = &p->lay;
   const cl_long nr = (cl_long)d->B * d->TQ * d->HQ;
-  const bool mma = x == BRANCH_SLC && p->mma; /* 16 keys per warp on tensor cores */
-  const size_t len = (size_t)longest_sequence(d), keys = (size_t)p->tune.kkeys;
+  const bool mma = x == BRANCH_SLC && p->mma;            /* 16 keys per warp on tensor cores */
+  const bool mma_cmp = x == BRANCH_CMP && p->cmp_kv_mma; /* 16 blocks per warp */
+  const size_t len = (size_t)longest_sequence(d);
+  const size_t keys = mma_cmp ? 16 * (size_t)p->ckv_nw : (size_t)p->tune.kkeys;
   const size_t parts = ceil_div((size_t)d->BS, mma ? 16 * (size_t)p->kv_nw : keys);
   kargs a = args_begin(p->dkdv[x]);
   args_attend(&a, p, x);
@@ -553,7 +594,10 @@ static clnsa_status enqueue_dkdv(clnsa_context *ctx, const bwd_plan *p, int x, e
   if (x == BRANCH_SWA) arg_int(&a, d->W);
   arg_int(&a, d->BS);
   arg_seq(&a, d);
-  size_t local[3] = {mma ? 32 * (size_t)p->kv_nw : (size_t)p->tune.threads, 1, 1};
+  size_t local[3] = {mma       ? 32 * (size_t)p->kv_nw
+                     : mma_cmp ? 32 * (size_t)p->ckv_nw
+                               : (size_t)p->tune.threads,
+                     1, 1};
   if (x == BRANCH_SLC) { /* one group per (chunk slot, key slice); spare slots exit */
     size_t global = l->slots * parts * local[0];
     return launch(ctx, c, &a, 1, &global, local);
@@ -670,10 +714,17 @@ clnsa_status clnsa_backward(clnsa_context *ctx, const clnsa_params *params, cons
     int mode = MMA_OFF;
     CHECK_STATUS(mma_mode(ctx, &mode));
     p.mma_emulated = mode == MMA_EMULATED;
-    p.mma = mode != MMA_OFF && bwd_mma_configure(ctx, &d, p.mma_emulated, &p);
+    /* CLNSA_TUNE=BWD_MMA=0 keeps the backward on the portable kernels */
+    p.mma = mode != MMA_OFF && tuning_env_int("BWD_MMA", 1, 0) &&
+            bwd_mma_configure(ctx, &d, p.mma_emulated, &p);
   }
   scratch_layout(&d, &p.lay);
   plan_views(&p, ws);
+  /* CLNSA_TUNE=BWD_CMP_MMA=n: bit 0 the compressed dq, bit 1 its dk/dv on tensor cores */
+  const int cmp_parts =
+      bwd_mma_cmp_configure(ctx, &d, in, &p) ? tuning_env_int("BWD_CMP_MMA", 3, 0) : 0;
+  p.cmp_dq_mma = cmp_parts & 1;
+  p.cmp_kv_mma = (cmp_parts & 2) != 0;
   CHECK_STATUS(plan_kernels(ctx, &p));
 
   enqueue_chain c;

@@ -391,9 +391,10 @@ static void test_block_selected_by_all(void **state) {
  * with an empty sequence, caller indices with holes and duplicates, and the production
  * head dims (128, BS 64). Wherever the context has a tensor-core path (NVIDIA, or
  * CLNSA_TUNE=MMA=2) these run on it; run as `test_backward tensor-cores` the test
- * requires that path. The compressed (g_cmp) and window branches run their portable
- * kernels beside the tensor-core selected ones, so the cases mix them (G 1, 2, 3, 16;
- * several blocks; the varlen case; D = 128 with two blocks). Errors are held to 1e-2 (the
+ * requires that path. The compressed branch (g_cmp) runs on the tensor cores too with
+ * bf16 (cl/attend_bwd_cmp_mma.cl) and portable with f16, the window branch portable, so
+ * the cases mix them (G 1, 2, 3, 16; several blocks; the varlen case; D = 128 with two
+ * blocks). Errors are held to 1e-2 (the
  * matrix-unit bound of the semantics) rather than bf16's 2e-2, which a dq off by 10%
  * still met. */
 static void test_backward_tensor_cores(void **state) {

@@ -1,0 +1,417 @@
+/* Tensor-core backward of the compressed branch (NVIDIA mma.sync: cl/warp_ops.cl): the
+ * kernels bwd_dq_compressed and bwd_dkdv_compressed of cl/attend_bwd.cl with the same
+ * arguments, scratch regions, partial-sum layout and outputs. Built after
+ * cl/attend_bwd_mma.cl (same program: its fragment helpers mma_dims, pack_a, mma_rows,
+ * LD8 and its header's notation), for bf16 q and do only: src/backward.c takes these where
+ * the selected pair runs on tensor cores, q is bf16 and the k_cmp/v_cmp rows are aligned.
+ *
+ * The keys are the forward's f32 k_cmp, v_cmp rows (one per block); each value x enters
+ * as bf16 hi = bf16(x) and lo = bf16(x - hi), both through the tensor cores (as
+ * cl/attend_mma.cl's forward does for K), so q.k_cmp keeps near-f32 accuracy. An f16 split
+ * would lose the lo terms of small values to f16's range, and mma takes one type for A and
+ * B, so f16 q runs the portable kernels.
+ *  - bwd_dq_compressed_mma: a group owns 16 CQ_NW consecutive flattened rows (token * G +
+ *    g) of a sequence, warp w rows 16w .. 16w + 15; the group walks the blocks its last
+ *    row sees in tiles of CKT, each staged once in local memory (hi and lo, 64-byte padded
+ *    rows as in attend_mma.cl's STAGE) and read by every warp. S and dP take q and do
+ *    rows as A (registers), the tile as B; dq += dS (Kc hi + Kc lo) with B through
+ *    movmatrix. Every dq row has one warp as its writer, adding scale * acc to the
+ *    accumulator once, with the tiles in block order: deterministic.
+ *    ptxas (tools/ptx_check.sh): 254 registers, no spills at DK = DV = 128.
+ *  - bwd_dkdv_compressed_mma: a group owns 16 CKV_NW blocks and one token chunk (the
+ *    partial-sum layout of bwd_dkdv_compressed); warp w owns 16 blocks as the M side and
+ *    walks the chunk's rows from its first block's last token on, 16 per step, in
+ *    increasing order: S^T = Kc Q^T and dP^T = Vc do^T, then dv += (g P)^T do and dk +=
+ *    dS^T Q (dkdv_step). The blocks' hi and lo A fragments wait in local memory (each lane
+ *    its own 2 KV_SLOTS slots, no synchronisation). One writer per block row, fixed
+ *    order: deterministic. ptxas: 255 registers, ~140 bytes of spill at DK = DV = 128
+ *    (CKV_NW = 2, 32 KiB of local memory).
+ * Masked pairs (block not yet complete at the row's token, row past the walk) get P = dS
+ * = 0; loads past the end read zeros.
+ *
+ * Why not one dk/dv step shared with bwd_dkdv_selected_mma: a version of the selected
+ * kernel rewritten onto dkdv_step passed the emulation but hung on an H100 (f16, DK = 64,
+ * DV = 32, G = 3; commit a666f3d), cause not found; the selected pair stays in the form
+ * verified on hardware.
+ */
+#if MMA_DT == 2
+#ifndef CQ_NW
+#define CQ_NW 4 /* bwd_dq_compressed_mma: warps per group, 16 rows each */
+#endif
+#ifndef CKT
+#define CKT 16 /* bwd_dq_compressed_mma: blocks per staged tile, a multiple of 16 */
+#endif
+#ifndef CKV_NW
+#define CKV_NW 2 /* bwd_dkdv_compressed_mma: warps per group, 16 blocks each */
+#endif
+#if CKT % 16
+#error "attend_bwd_cmp_mma.cl: CKT a multiple of 16"
+#endif
+#if WARP_EMULATE && (CQ_NW != 1 || CKV_NW != 1)
+#error "attend_bwd_cmp_mma.cl: the warp emulation runs one warp per group"
+#endif
+
+#ifndef TPASS
+#define TPASS(t) t, t##_off, t##_s0, t##_s1, t##_s2
+#endif
+
+/* n accumulator tiles (16 x 8 f32 each) set to zero; a macro, so that n is a constant
+ * where the loop is unrolled (the arrays must stay in registers). */
+#define zero_tiles(a, n)                                                                   \
+  _Pragma("unroll") for (int i_ = 0; i_ < (n); i_++)(a)[i_][0] = (a)[i_][1] = (a)[i_][2] = \
+      (a)[i_][3] = 0.0f
+
+/* One sequence of the batch with its compressed rows: first token row t0, first
+ * compressed row c0, nb blocks (as cl/attend_bwd.cl's seq_span). */
+typedef struct cmp_seq {
+  int b, t0, len, c0, nb;
+} cmp_seq;
+
+inline cmp_seq cmp_sequence(__global const int *cu, int nseq, int TQ, int NB, int s) {
+  cmp_seq q = {s, 0, TQ, 0, NB};
+  if (nseq > 0) {
+    __global const int *cuc = cu + 2 * (nseq + 1);
+    q.b = 0, q.t0 = cu[s], q.len = cu[s + 1] - cu[s];
+    q.c0 = cuc[s], q.nb = cuc[s + 1] - cuc[s];
+  }
+  return q;
+}
+
+/* ---------------------------------------------------------------- dq */
+
+/* This lane's query row rh (0: gid, 1: gid + 8) of a dq tile, at token row tok, head hq
+ * (zeros where !ok): lse in log2 units, delta, gate, and the A fragments of q and do. */
+inline __attribute__((always_inline)) void dq_row(int rh, bool ok, int b, long tok, int hq,
+                                                  CTENSOR(Q_DT, q), CTENSOR(DO_DT, dout),
+                                                  CTENSOR(0, lse), __global const float *gate,
+                                                  __global const float *delta, int TQ, int HQ,
+                                                  float *l2, float *del, float *gt, uint4 (*qf)[2],
+                                                  uint4 (*dof)[2]) {
+  const int tig = get_local_id(0) & 3;
+  const long rs = ((long)b * TQ + tok) * HQ + hq;
+  l2[rh] = ok ? lse[TIDX(lse, b, tok, hq)] * M_LOG2E_F : 0.0f;
+  del[rh] = ok ? delta[rs] : 0.0f;
+  gt[rh] = ok ? gate[rs] : 0.0f;
+#pragma unroll
+  for (int c = 0; c < DKC; c++) qf[c][rh] = LD8(q, TIDX(q, b, tok, hq) + 32 * c + 8 * tig, ok);
+#pragma unroll
+  for (int c = 0; c < DVC; c++)
+    dof[c][rh] = LD8(dout, TIDX(dout, b, tok, hq) + 32 * c + 8 * tig, ok);
+}
+
+/* dS of one (row, key) pair from its score s = q.k and dp = do.v: P (g dp - delta). */
+inline float dscore(bool visible, float s, float dp, float sl2, float l2, float g, float dl) {
+  return visible ? exp2(s * sl2 - l2) * (g * dp - dl) : 0.0f;
+}
+
+/* One row of a dk/dv step: element offsets of its q and do fragment words (lane's 8tig
+ * included) and of its lse, its row in the gate/delta scratch, and the keys it sees: key
+ * indices below lim (0 for a row past the walk). */
+typedef struct kv_row {
+  long qa, oa, la, rs;
+  int lim;
+} kv_row;
+
+/* The A fragments of a dk/dv warp's 16 keys wait in local memory, each lane its own slots
+ * (no synchronisation): slot x of this lane is frag[x * stride]. Slots 2c + rh hold the hi
+ * words of k chunk c of key gid + 8 rh, then 2 DKC + 2c + rh those of v; the lo words
+ * follow in the same order from KV_SLOTS on. */
+#define KV_SLOTS (2 * (DKC + DVC))
+
+/* dk (ak) and dv (av) of this warp's keys key0 + gid (+ 8) += the 16 rows of one step:
+ * rb[nt] is row 8nt + gid (a B column), re[nt][x] row 8nt + 2tig + x (a C column). S^T =
+ * K Q^T and dP^T = V do^T (A = the keys, B = q and do rows), then dv += (g P)^T do (B =
+ * the do words kept from dP^T) and dk += dS^T Q (q rows loaded again, through movmatrix:
+ * keeping them too costs registers). Masked pairs get P = dS = 0. */
+/* always_inline: clang (PoCL, tools/ptx_check.sh) otherwise calls it, its array arguments
+ * then going through the stack */
+inline __attribute__((always_inline)) void dkdv_step(
+    float (*ak)[4], float (*av)[4], __local const uint4 *frag, int stride, int key0,
+    const kv_row *rb, const kv_row (*re)[2], __global const STORAGE(Q_DT) * q,
+    __global const STORAGE(DO_DT) * dout, __global const float *lse, __global const float *gate,
+    __global const float *delta, float sl2, __local uint *wx) {
+  const int lane = get_local_id(0) & 31, gid = lane >> 2;
+  float st[2][4], dpt[2][4];
+  uint4 ob[DVC][2];
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++) {
+    const bool ok = rb[nt].lim > 0;
+    st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.0f;
+    dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.0f;
+#pragma unroll
+    for (int x = 0; x < 2; x++) { /* hi, then lo */
+      __local const uint4 *f = frag + x * KV_SLOTS * stride;
+#pragma unroll
+      for (int c = 0; c < DKC; c++)
+        mma_dims(st[nt], f[2 * c * stride], f[(2 * c + 1) * stride], LD8(q, rb[nt].qa + 32 * c, ok),
+                 wx);
+    }
+#pragma unroll
+    for (int c = 0; c < DVC; c++) ob[c][nt] = LD8(dout, rb[nt].oa + 32 * c, ok);
+#pragma unroll
+    for (int x = 0; x < 2; x++) {
+      __local const uint4 *f = frag + (x * KV_SLOTS + 2 * DKC) * stride;
+#pragma unroll
+      for (int c = 0; c < DVC; c++)
+        mma_dims(dpt[nt], f[2 * c * stride], f[(2 * c + 1) * stride], ob[c][nt], wx);
+    }
+  }
+  /* element e of tile nt: key key0 + gid + 8 (e >> 1), row 8nt + 2tig + (e & 1); st
+   * becomes g P (the weights of dv), dpt becomes dS */
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++) {
+#pragma unroll
+    for (int x = 0; x < 2; x++) {
+      const kv_row r = re[nt][x];
+      const bool ok = r.lim > 0;
+      const float l2 = ok ? lse[r.la] * M_LOG2E_F : 0.0f;
+      const float dl = ok ? delta[r.rs] : 0.0f, g = ok ? gate[r.rs] : 0.0f;
+#pragma unroll
+      for (int kh = 0; kh < 2; kh++) {
+        const int e = 2 * kh + x;
+        const float p = key0 + gid + 8 * kh < r.lim ? exp2(st[nt][e] * sl2 - l2) : 0.0f;
+        st[nt][e] = g * p;
+        dpt[nt][e] = p * (g * dpt[nt][e] - dl);
+      }
+    }
+  }
+  const afrag apg = pack_a(st[0], st[1]), ads = pack_a(dpt[0], dpt[1]);
+#pragma unroll
+  for (int c = 0; c < DVC; c++) mma_rows(av + 4 * c, apg, ob[c][0], ob[c][1], wx);
+#pragma unroll
+  for (int c = 0; c < DKC; c++)
+    mma_rows(ak + 4 * c, ads, LD8(q, rb[0].qa + 32 * c, rb[0].lim > 0),
+             LD8(q, rb[1].qa + 32 * c, rb[1].lim > 0), wx);
+}
+
+/* Writes this warp's keys key0 + gid (+ 8), those below kend, as rows at + key - key0 of
+ * [*, D] f32 partials (row stride rstride rows): dk = scale ak, dv = av. */
+inline __attribute__((always_inline)) void dkdv_write(__global float *dk, __global float *dv,
+                                                      long at, long rstride, int key0, int kend,
+                                                      float scale, float (*ak)[4], float (*av)[4]) {
+  const int lane = get_local_id(0) & 31, gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int kh = 0; kh < 2; kh++) {
+    const int key = gid + 8 * kh;
+    if (key0 + key >= kend) continue;
+    __global float *rk = dk + (at + key * rstride) * DK + 8 * tig;
+    __global float *rv = dv + (at + key * rstride) * DV + 8 * tig;
+#pragma unroll
+    for (int n = 0; n < DK / 8; n++)
+      *(__global float2 *)(rk + 8 * (n & ~3) + 2 * (n & 3)) =
+          (float2)(scale * ak[n][2 * kh], scale * ak[n][2 * kh + 1]);
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++)
+      *(__global float2 *)(rv + 8 * (n & ~3) + 2 * (n & 3)) =
+          (float2)(av[n][2 * kh], av[n][2 * kh + 1]);
+  }
+}
+
+/* ---------------------------------------------------------------- dk, dv */
+
+#define KLD8 (DK / 8 + 4) /* row strides of the staged tiles in 16-byte units (64-byte pad) */
+#define VLD8 (DV / 8 + 4)
+#define CNT (CKT / 8)
+
+inline float bf16_half(uint w, int upper) {
+  return as_float(upper ? w & 0xffff0000u : w << 16);
+}
+
+/* Elements i .. i + 7 of an f32 tensor (i a multiple of 4; zeros where !ok) as bf16
+ * pairs: *hi = bf16(x), *lo = bf16(x - hi), so that hi + lo keeps 16 bits of x. */
+inline __attribute__((always_inline)) void split8(__global const float *p, long i, bool ok,
+                                                  __local uint4 *hi, __local uint4 *lo) {
+  const float4 a = ok ? *(__global const float4 *)(p + i) : (float4)(0.0f);
+  const float4 b = ok ? *(__global const float4 *)(p + i + 4) : (float4)(0.0f);
+  const uint4 r = (uint4)(pack2(a.x, a.y), pack2(a.z, a.w), pack2(b.x, b.y), pack2(b.z, b.w));
+  *hi = r;
+  *lo = (uint4)(pack2(a.x - bf16_half(r.x, 0), a.y - bf16_half(r.x, 1)),
+                pack2(a.z - bf16_half(r.y, 0), a.w - bf16_half(r.y, 1)),
+                pack2(b.x - bf16_half(r.z, 0), b.y - bf16_half(r.z, 1)),
+                pack2(b.z - bf16_half(r.w, 0), b.w - bf16_half(r.w, 1)));
+}
+
+/* Flattened row f = (token f / G, head f % G) of a sequence: blocks c < (t + 1) / BS. */
+inline int cmp_blocks(long f, long fend, int G, int BS) {
+  return f < fend ? (int)(f / G + 1) / BS : 0;
+}
+
+__kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_compressed_mma(
+    CTENSOR(Q_DT, q), CTENSOR(0, kc), CTENSOR(0, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
+    __global float *ws, long gate_off, long delta_off, long dq_off, float scale, int BS, SEQ_ARGS) {
+  /* the staged tile: hi words of its CKT blocks, then their lo words */
+  __local uint4 kst[2 * CKT * KLD8], vst[2 * CKT * VLD8];
+  WARP_SCRATCH(wx);
+  const cmp_seq sp = cmp_sequence(cu, nseq, TQ, NB, get_group_id(1));
+  const int h = get_group_id(2), G = HQ / H, lid = get_local_id(0);
+  const int lane = lid & 31, warp = lid >> 5, gid = lane >> 2, tig = lane & 3;
+  const long fend = (long)sp.len * G, f0 = (long)get_group_id(0) * 16 * CQ_NW;
+  if (f0 >= fend) return;
+  (void)B, (void)TK;
+  const long fw = f0 + 16 * warp; /* this warp's rows fw .. fw + 15 */
+  const int kend = cmp_blocks(min(f0 + 16 * CQ_NW, fend) - 1, fend, G, BS);
+  const int wend = fw < fend ? cmp_blocks(min(fw + 15, fend - 1), fend, G, BS) : 0;
+  __global const float *gate = ws + gate_off, *delta = ws + delta_off;
+
+  int lim[2];
+  long tok[2];
+  float lse2[2], del[2], gt[2];
+  uint4 qf[DKC][2], dof[DVC][2];
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    const long f = fw + gid + 8 * rh, fc = min(f, fend - 1);
+    tok[rh] = sp.t0 + fc / G;
+    lim[rh] = cmp_blocks(f, fend, G, BS);
+    dq_row(rh, f < fend, sp.b, tok[rh], h * G + (int)(fc % G), TPASS(q), TPASS(dout), TPASS(lse),
+           gate, delta, TQ, HQ, lse2, del, gt, qf, dof);
+  }
+  const float sl2 = scale * M_LOG2E_F;
+  float acc[DK / 8][4];
+  zero_tiles(acc, DK / 8);
+
+  for (int k0 = 0; k0 < kend; k0 += CKT) {
+    barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile consumed */
+    for (int x = lid; x < CKT * (DK / 8); x += 32 * CQ_NW) {
+      const int j = x / (DK / 8), u = x - j * (DK / 8);
+      split8(kc, TIDX(kc, sp.b, sp.c0 + min(k0 + j, kend - 1), h) + 8 * u, k0 + j < kend,
+             kst + j * KLD8 + u, kst + (CKT + j) * KLD8 + u);
+    }
+    for (int x = lid; x < CKT * (DV / 8); x += 32 * CQ_NW) {
+      const int j = x / (DV / 8), u = x - j * (DV / 8);
+      split8(vc, TIDX(vc, sp.b, sp.c0 + min(k0 + j, kend - 1), h) + 8 * u, k0 + j < kend,
+             vst + j * VLD8 + u, vst + (CKT + j) * VLD8 + u);
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (k0 >= wend) continue; /* warp-uniform: none of this warp's rows sees the tile */
+
+    /* S = Q Kc^T and dP = do Vc^T, both operands' hi and lo terms (A = q and do rows) */
+    float s[CNT][4], dp[CNT][4];
+#pragma unroll
+    for (int nt = 0; nt < CNT; nt++) {
+      __local const uint4 *kr = kst + (8 * nt + gid) * KLD8 + tig;
+      __local const uint4 *vr = vst + (8 * nt + gid) * VLD8 + tig;
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+      dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+#pragma unroll
+      for (int c = 0; c < DKC; c++) {
+        mma_dims(s[nt], qf[c][0], qf[c][1], kr[4 * c], wx);
+        mma_dims(s[nt], qf[c][0], qf[c][1], kr[CKT * KLD8 + 4 * c], wx);
+      }
+#pragma unroll
+      for (int c = 0; c < DVC; c++) {
+        mma_dims(dp[nt], dof[c][0], dof[c][1], vr[4 * c], wx);
+        mma_dims(dp[nt], dof[c][0], dof[c][1], vr[CKT * VLD8 + 4 * c], wx);
+      }
+    }
+    /* dS in place of S: element e is row gid + 8 (e >> 1), block k0 + 8nt + 2tig + (e & 1) */
+#pragma unroll
+    for (int nt = 0; nt < CNT; nt++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int rh = e >> 1;
+        s[nt][e] = dscore(k0 + 8 * nt + 2 * tig + (e & 1) < lim[rh], s[nt][e], dp[nt][e], sl2,
+                          lse2[rh], gt[rh], del[rh]);
+      }
+    }
+    /* dq += dS (Kc hi + Kc lo), 16 blocks per step */
+#pragma unroll
+    for (int ks = 0; ks < CKT / 16; ks++) {
+      const afrag a = pack_a(s[2 * ks], s[2 * ks + 1]);
+#pragma unroll
+      for (int x = 0; x < 2; x++) {
+        __local const uint4 *kr = kst + (x * CKT + 16 * ks + gid) * KLD8 + tig;
+#pragma unroll
+        for (int c = 0; c < DKC; c++) mma_rows(acc + 4 * c, a, kr[4 * c], kr[8 * KLD8 + 4 * c], wx);
+      }
+    }
+  }
+
+  /* dq += scale * acc: each row has this warp as its only writer */
+  __global float *dq = ws + dq_off;
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    if (lim[rh] == 0) continue; /* past the rows, or sees no block: adds 0 */
+    const int hq = h * G + (int)((fw + gid + 8 * rh) % G);
+    __global float *row = dq + (((long)sp.b * TQ + tok[rh]) * HQ + hq) * DK + 8 * tig;
+#pragma unroll
+    for (int n = 0; n < DK / 8; n++) {
+      __global float2 *at = (__global float2 *)(row + 8 * (n & ~3) + 2 * (n & 3));
+      const float2 was = *at;
+      *at = (float2)(was.x + scale * acc[n][2 * rh], was.y + scale * acc[n][2 * rh + 1]);
+    }
+  }
+}
+
+/* Row f of a compressed dk/dv walk (flattened over the sequence, as above). */
+inline __attribute__((always_inline)) kv_row compressed_row(long f, long fend, cmp_seq sp, int h,
+                                                            int G, int BS, CTENSOR(Q_DT, q),
+                                                            CTENSOR(DO_DT, dout), CTENSOR(0, lse),
+                                                            int TQ, int HQ) {
+  const int tig = get_local_id(0) & 3;
+  const long fc = min(f, fend - 1), tok = sp.t0 + fc / G;
+  const int hq = h * G + (int)(fc % G);
+  const kv_row r = {TIDX(q, sp.b, tok, hq) + 8 * tig, TIDX(dout, sp.b, tok, hq) + 8 * tig,
+                    TIDX(lse, sp.b, tok, hq), ((long)sp.b * TQ + tok) * HQ + hq,
+                    min(sp.nb, cmp_blocks(f, fend, G, BS))};
+  return r;
+}
+
+/* Partial sums over token chunk (group % chunks) of 16 CKV_NW blocks: [chunks, B*NB, H, D]
+ * as bwd_dkdv_compressed. Warp w owns blocks 16w .. 16w + 15 of the group (the M side of
+ * every product, their f32 rows split into hi and lo A fragments that wait in local
+ * memory) and walks the chunk's rows that see its first block, 16 per step (dkdv_step). */
+__kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_compressed_mma(
+    CTENSOR(Q_DT, q), CTENSOR(0, kc), CTENSOR(0, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
+    __global float *ws, long gate_off, long delta_off, long dk_off, long dv_off, float scale,
+    int chunks, int ctok, int BS, SEQ_ARGS) {
+  __local uint4 kvl[2 * KV_SLOTS * 32 * CKV_NW];
+  WARP_SCRATCH(wx);
+  const cmp_seq sp = cmp_sequence(cu, nseq, TQ, NB, get_group_id(1));
+  const int h = get_group_id(2), G = HQ / H, chunk = get_group_id(0) % chunks;
+  const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5;
+  const int gid = lane >> 2, tig = lane & 3, S = 32 * CKV_NW;
+  const int kw = (get_group_id(0) / chunks) * 16 * CKV_NW + 16 * warp;
+  if (kw >= sp.nb) return; /* no barrier below: warps may leave on their own */
+  (void)TK;
+  __global const float *gate = ws + gate_off, *delta = ws + delta_off;
+
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    const int c = kw + gid + 8 * rh;
+    const long kr = sp.c0 + min(c, sp.nb - 1);
+#pragma unroll
+    for (int x = 0; x < DKC; x++)
+      split8(kc, TIDX(kc, sp.b, kr, h) + 32 * x + 8 * tig, c < sp.nb, kvl + (2 * x + rh) * S + lid,
+             kvl + (KV_SLOTS + 2 * x + rh) * S + lid);
+#pragma unroll
+    for (int x = 0; x < DVC; x++)
+      split8(vc, TIDX(vc, sp.b, kr, h) + 32 * x + 8 * tig, c < sp.nb,
+             kvl + (2 * DKC + 2 * x + rh) * S + lid,
+             kvl + (KV_SLOTS + 2 * DKC + 2 * x + rh) * S + lid);
+  }
+  const float sl2 = scale * M_LOG2E_F;
+  float ak[DK / 8][4], av[DV / 8][4];
+  zero_tiles(ak, DK / 8);
+  zero_tiles(av, DV / 8);
+
+  /* tokens of the chunk from the end of the warp's first block on */
+  const long ifirst = max((long)(kw + 1) * BS - 1, (long)chunk * ctok);
+  const long ilast = min((long)sp.len - 1, (long)(chunk + 1) * ctok - 1);
+  const long fend = (ilast + 1) * G;
+  for (long f0 = ifirst * G; f0 < fend; f0 += 16) {
+    kv_row rb[2], re[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++) {
+      rb[nt] = compressed_row(f0 + 8 * nt + gid, fend, sp, h, G, BS, TPASS(q), TPASS(dout),
+                              TPASS(lse), TQ, HQ);
+#pragma unroll
+      for (int x = 0; x < 2; x++)
+        re[nt][x] = compressed_row(f0 + 8 * nt + 2 * tig + x, fend, sp, h, G, BS, TPASS(q),
+                                   TPASS(dout), TPASS(lse), TQ, HQ);
+    }
+    dkdv_step(ak, av, kvl + lid, S, kw, rb, re, q, dout, lse, gate, delta, sl2, wx);
+  }
+  const long base = (long)chunk * B * NB + (long)sp.b * NB + sp.c0 + kw;
+  dkdv_write(ws + dk_off, ws + dv_off, base * H + h, H, kw, sp.nb, scale, ak, av);
+}
+#endif /* MMA_DT == 2 */
