@@ -150,38 +150,6 @@ inline pairs8 load8_16(__global const ushort *p, long i, bool ok) {
 #define LOAD8_1(p, i, ok) load8_16(p, i, ok)
 #define LOAD8_2(p, i, ok) load8_16(p, i, ok)
 
-/* Does row rh (0: gid, 1: gid+8) of this lane see key index kidx? khi bounds the keys
- * the warp walks; lo/hi are the row's range (MODE 2 with TPG > 1: its token's bit in the
- * membership mask and its position + 1). */
-inline bool key_visible(int kidx, int khi, int lo, int hi, __local const int *list,
-                        __local const uint *msk) {
-#if MODE == 2 && TPG > 1
-  const int slot = min(kidx, khi - 1) / BS;
-  return kidx < khi && ((msk[slot] >> lo) & 1u) != 0u &&
-         list[slot] * BS + (kidx - slot * BS) < hi;
-#elif MODE == 2
-  (void)lo, (void)hi, (void)list, (void)msk;
-  return kidx < khi;
-#else
-  (void)khi, (void)list, (void)msk;
-  return kidx >= lo && kidx < hi;
-#endif
-}
-
-#if MODE == 2
-/* Row r's softmax state merged over the warps' partial states (m_w, l_w): (M, L) with
- * M = max m_w and L = sum l_w exp2(m_w - M). */
-inline float2 merged_state(__local const float *part_m, __local const float *part_l, int r) {
-  float M = -INFINITY, L = 0.0f;
-  for (int w = 0; w < NW; w++) M = fmax(M, part_m[w * 16 + r]);
-  for (int w = 0; w < NW; w++) {
-    const float mw = part_m[w * 16 + r];
-    L += mw == -INFINITY ? 0.0f : part_l[w * 16 + r] * exp2(mw - M);
-  }
-  return (float2)(M, L);
-}
-#endif
-
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     CTENSOR(Q_DT, q), CTENSOR(K_DT, k), CTENSOR(V_DT, v), CITENSOR(bi), TENSOR(O_DT, o),
     TENSOR(0, lse), SEQ_ARGS, float scale, int W, int S, int tiles) {

@@ -211,7 +211,8 @@ inline int selected_tile(__global const int *cu, int nseq, int TQ, int TK, int t
 
 /* MODE 2, TPG > 1: tokens t0 .. of sequence sq (none when t0 >= sq.tq: the group then
  * runs with idle rows and no keys: an early return before the barriers gave wrong,
- * run-to-run varying results on PoCL 3.1, correct ones under Oclgrind). Rows keep their token's index in the group in lo, position + 1 in hi. */
+ * run-to-run varying results on PoCL 3.1, correct ones under Oclgrind). Rows keep their token's
+ * index in the group in lo, position + 1 in hi. */
 inline void setup_selected_multi(attend_seq sq, int t0, int G, int h, CITENSOR(bi), int S,
                                  attend_group *grp, attend_rows rows, __local int *list,
                                  __local uint *msk, __local int *cand, __local uint *tmpm) {
@@ -245,3 +246,36 @@ inline int key_row(int kidx, int krow0, __local const int *list) {
   return krow0 + kidx;
 #endif
 }
+
+/* ------------------------------------------------------------------ warp kernels */
+
+/* Tensor-core kernels (cl/attend_mma.cl, cl/attend_tf32.cl): does a row of this lane see
+ * key index kidx? khi bounds the keys the warp walks; lo/hi are the row's range (MODE 2
+ * with TPG > 1: its token's bit in the membership mask and its position + 1). */
+inline bool key_visible(int kidx, int khi, int lo, int hi, __local const int *list,
+                        __local const uint *msk) {
+#if MODE == 2 && TPG > 1
+  const int slot = min(kidx, khi - 1) / BS;
+  return kidx < khi && ((msk[slot] >> lo) & 1u) != 0u && list[slot] * BS + (kidx - slot * BS) < hi;
+#elif MODE == 2
+  (void)lo, (void)hi, (void)list, (void)msk;
+  return kidx < khi;
+#else
+  (void)khi, (void)list, (void)msk;
+  return kidx >= lo && kidx < hi;
+#endif
+}
+
+#if MODE == 2
+/* Tensor-core kernels, MODE 2: row r's softmax state merged over the partial states
+ * (m_w, l_w) of the WG / 32 warps: (M, L) with M = max m_w and L = sum l_w exp2(m_w - M). */
+inline float2 merged_state(__local const float *part_m, __local const float *part_l, int r) {
+  float M = -INFINITY, L = 0.0f;
+  for (int w = 0; w < WG / 32; w++) M = fmax(M, part_m[w * 16 + r]);
+  for (int w = 0; w < WG / 32; w++) {
+    const float mw = part_m[w * 16 + r];
+    L += mw == -INFINITY ? 0.0f : part_l[w * 16 + r] * exp2(mw - M);
+  }
+  return (float2)(M, L);
+}
+#endif

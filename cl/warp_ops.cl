@@ -1,5 +1,9 @@
 /* Warp-level matrix primitives of the NVIDIA tensor-core kernels (cl/attend_mma.cl):
  *   mma_16816   D = A B + C, A 16x16 and B 16x8 in f16 or bf16 (MMA_DT), C and D f32;
+ *   mma_1688_tf32  D = A B + C, A 16x8 and B 8x8 in tf32 (f32 words), C and D f32
+ *               (cl/attend_tf32.cl);
+ *   tf32_round  a float rounded to tf32 (10 mantissa bits; nearest, ties away from zero)
+ *               as f32 bits, what mma_1688_tf32 takes;
  *   movmatrix_t transpose of an 8x8 matrix of 16-bit words held across the warp;
  *   shfl_xor    butterfly exchange of a float between lanes;
  *   pack2       two floats rounded (nearest even) into a pair of MMA_DT words;
@@ -17,6 +21,12 @@
  *   B 16x8, col-major:   b0 = B[2tig..2tig+1][gid]    b1 = B[2tig+8..2tig+9][gid]
  *   C 16x8, f32:         c0, c1 = C[gid][2tig, 2tig+1]   c2, c3 = C[gid+8][2tig, 2tig+1]
  *   8x8 (movmatrix):     r = M[gid][2tig..2tig+1]
+ * and for mma.m16n8k8 with .tf32 operands (one element per 32-bit register; the same C):
+ *   A 16x8, row-major:   a0 = A[gid][tig]  a1 = A[gid+8][tig]  a2 = A[gid][tig+4]
+ *                        a3 = A[gid+8][tig+4]
+ *   B 8x8, col-major:    b0 = B[tig][gid]  b1 = B[tig+4][gid]
+ * The tensor cores read the upper 19 bits of a tf32 operand; tf32_round (cvt.rna) makes
+ * that a deterministic round-to-nearest instead of a truncation.
  */
 #ifndef MMA_DT
 #define MMA_DT 2 /* 1 f16, 2 bf16 */
@@ -51,6 +61,21 @@ inline void mma_16816(float *c, uint a0, uint a1, uint a2, uint a3, uint b0, uin
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+inline void mma_1688_tf32(float *c, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1,
+                          __local uint *x) {
+  (void)x;
+  PTX_ASM("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+inline uint tf32_round(float v) {
+  uint d;
+  PTX_ASM("cvt.rna.tf32.f32 %0, %1;" : "=r"(d) : "f"(v));
+  return d;
 }
 
 inline uint movmatrix_t(uint a, __local uint *x) {
@@ -112,6 +137,34 @@ inline void mma_16816(float *c, uint a0, uint a1, uint a2, uint a3, uint b0, uin
     c[i] += s;
   }
   barrier(CLK_LOCAL_MEM_FENCE);
+}
+
+/* The hardware multiplies the operands' upper 19 bits (tf32) exactly; a sum in f32. */
+inline void mma_1688_tf32(float *c, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1,
+                          __local uint *x) {
+  const int lane = get_local_id(0) & 31, gid = lane >> 2, tig = lane & 3;
+  __local uint *mine = x + 6 * lane;
+  mine[0] = a0, mine[1] = a1, mine[2] = a2, mine[3] = a3, mine[4] = b0, mine[5] = b1;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int i = 0; i < 4; i++) {
+    const int row = gid + 8 * (i >> 1), col = 2 * tig + (i & 1);
+    float s = 0.0f;
+    for (int k = 0; k < 8; k++) { /* column/row k sits in lane tig = k % 4, register k / 4 */
+      const uint aw = x[6 * ((row & 7) * 4 + (k & 3)) + (row >> 3) + 2 * (k >> 2)];
+      const uint bw = x[6 * (col * 4 + (k & 3)) + 4 + (k >> 2)];
+      s = fma(as_float(aw & 0xffffe000u), as_float(bw & 0xffffe000u), s);
+    }
+    c[i] += s;
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+}
+
+/* cvt.rna.tf32.f32: add half a unit of the 13 dropped bits to the magnitude, truncate;
+ * infinities and NaN pass unchanged. */
+inline uint tf32_round(float v) {
+  const uint u = as_uint(v);
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;
+  return (u + 0x1000u) & 0xffffe000u;
 }
 
 inline uint movmatrix_t(uint a, __local uint *x) {

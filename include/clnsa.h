@@ -173,7 +173,18 @@ typedef struct clnsa_paged_kv {
   int page_size;
 } clnsa_paged_kv;
 
-#define CLNSA_FLAG_TF32 (1u << 0) /* reserved: f32 inputs through matrix units */
+/* CLNSA_FLAG_TF32: permission (not a demand) to run the forward attention of f32 inputs
+ * (compressed, selected and window branches; q, k and v all f32) on NVIDIA tensor cores in
+ * TF32: q, k, v and the softmax weights are rounded to tf32 (10-bit mantissa, to nearest),
+ * products are exact and sums f32. Relative error of o and lse against float64, measured
+ * on the emulation (CLNSA_TUNE=MMA=2, tests/test_attend.c): o 2e-4 to 3e-4 and lse below
+ * 6e-5 with inputs in [-1, 1], o 6e-4 and lse 2e-4 with peaked scores; the bound is 1e-2
+ * (docs/SEMANTICS.md). Exact f32 wherever the context has no tensor-core path
+ * (clnsa_context_tensor_cores) or the shapes do not fit: DK a multiple of 16 and DV of 32,
+ * both <= 128, rows of q, k, v 16-byte aligned. Top-k and the backward stay exact; top-k
+ * reads the compressed branch's lse, whose tf32 rounding (~1e-4) can decide near-ties of
+ * block importance differently. */
+#define CLNSA_FLAG_TF32 (1u << 0)
 
 #define CLNSA_MAX_HEAD_DIM 256
 #define CLNSA_MAX_BLOCK_COUNT 128

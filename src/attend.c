@@ -1,5 +1,7 @@
 /* Compressed, selected and sliding-window attention: launches cl/attend.cl, one flash-
- * attention kernel whose MODE picks how each query row's key set is built. */
+ * attention kernel whose MODE picks how each query row's key set is built, or its
+ * tensor-core twins cl/attend_mma.cl (f16/bf16) and cl/attend_tf32.cl (f32 with
+ * CLNSA_FLAG_TF32) where the context has a tensor-core path. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -43,7 +45,7 @@ static size_t attend_local_bytes(int mode, int dk, int dv, const attend_config *
                   (size_t)c->rows * (c->kt + 1) + (size_t)c->rows * c->kw + 4 * (size_t)c->rows;
   size_t ints = 4 * (size_t)c->rows + 1;
   if (mode == MODE_SELECTED && c->tpg > 1) {
-    ints += 2 * (size_t)c->ucap; /* list, msk */
+    ints += 2 * (size_t)c->ucap;                                                 /* list, msk */
     if (2 * (size_t)c->ucap > (size_t)c->kt * kvld) ints += 2 * (size_t)c->ucap; /* scratch */
   } else if (mode == MODE_SELECTED) {
     ints += 2 * CLNSA_MAX_BLOCK_COUNT;
@@ -198,8 +200,52 @@ static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d
          bytes + 1024 <= (size_t)ctx->info.local_mem;
 }
 
-/* One launch of attend_fwd, or attend_mma_fwd where the context's tensor-core path takes
- * these tensors. bi is used in MODE_SELECTED only; lse may be NULL. */
+/* TF32 path (cl/attend_tf32.cl, only with CLNSA_FLAG_TF32): q, k and v f32, head dims in
+ * 16-byte units per lane (DK a multiple of 16, DV of 32), rows aligned to 16 bytes, and
+ * head dims the register budget holds (q and the accumulators: DK/2 + DV/2 per lane). */
+static bool attend_tf32_fits(const nsa_dims *d, const clnsa_tensor *q, const clnsa_tensor *k,
+                             const clnsa_tensor *v) {
+  return d->tf32 && q->dtype == CLNSA_F32 && k->dtype == CLNSA_F32 && v->dtype == CLNSA_F32 &&
+         d->DK % 16 == 0 && d->DV % 32 == 0 && d->DK <= 128 && d->DV <= 128 &&
+         tensor_rows_aligned16(q, d->DK) && tensor_rows_aligned16(k, d->DK) &&
+         tensor_rows_aligned16(v, d->DV);
+}
+
+/* Warps, keys per step and token packing of cl/attend_tf32.cl: the layouts of
+ * attend_mma_configure. Returns false where local memory is short. */
+static bool attend_tf32_configure(clnsa_context *ctx, int mode, const nsa_dims *d, bool emulate,
+                                  attend_config *c) {
+  const int nw = emulate ? 1 : tuning_env_int(mode == MODE_SELECTED ? "MMA_NW" : "MMA_NWD", 4, 1);
+  c->wg = 32 * nw;
+  /* Selected: 16 keys per warp and step (each warp holds its S tile and reads its own
+   * fragments); compressed and window: 32 keys staged for all warps, 35 KiB at D = 128. */
+  c->kt = tuning_env_int("MMA_KT", mode == MODE_SELECTED ? 16 : 32, 8);
+  c->vearly = 0;
+  c->kw = c->dw = 0;
+  c->tpg = 1, c->ucap = 0;
+  c->rows = mode == MODE_SELECTED ? 16 : 16 * nw;
+  if (mode == MODE_SELECTED && d->G < 16) {
+    int tpg = 16 / d->G, cap = ATTEND_UNION_MAX / (d->S > 0 ? d->S : 1);
+    tpg = tpg > cap ? cap : tpg;
+    if (tpg > 1) c->tpg = tpg, c->ucap = tpg * (d->S > 0 ? d->S : 1);
+  }
+  size_t bytes = 16 * (size_t)c->rows;
+  if (mode == MODE_SELECTED) {
+    const size_t merge = (size_t)nw * 16 * (size_t)(d->DV + 4);
+    bytes += 4 * (2 * (size_t)nw * 16 + merge);
+    bytes += c->tpg > 1 ? 8 * (size_t)c->ucap * (2 * (size_t)c->ucap > merge ? 2 : 1)
+                        : 8 * (size_t)CLNSA_MAX_BLOCK_COUNT;
+  } else { /* staged K and V tiles, rows padded as in cl/attend_tf32.cl */
+    bytes += 4 * (size_t)c->kt * (size_t)(d->DK + 16 - d->DK % 32 + d->DV + 4);
+  }
+  if (emulate) bytes += 4 * 32 * 6;
+  return c->kt % 8 == 0 && (size_t)c->wg <= ctx->info.max_wg &&
+         bytes + 1024 <= (size_t)ctx->info.local_mem;
+}
+
+/* One launch of attend_fwd, or of a tensor-core kernel where the context's tensor-core
+ * path takes these tensors: attend_mma_fwd for f16/bf16 q, attend_tf32_fwd for f32 with
+ * CLNSA_FLAG_TF32. bi is used in MODE_SELECTED only; lse may be NULL. */
 static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims *d,
                                    const clnsa_tensor *q, const clnsa_tensor *k,
                                    const clnsa_tensor *v, const clnsa_tensor *bi,
@@ -208,23 +254,30 @@ static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims 
   /* The kernel numbers query rows (token * G + g) and tiles in int. */
   if ((size_t)d->B * (size_t)d->TQ * (size_t)d->HQ > (size_t)INT32_MAX)
     return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED, "attend_fwd: more than 2^31 query rows");
+  const bool tf32 = attend_tf32_fits(d, q, k, v), half = attend_mma_fits(d, q, k, v);
   int mma = MMA_OFF;
-  if (attend_mma_fits(d, q, k, v)) CHECK_STATUS(mma_mode(ctx, &mma));
+  if (tf32 || half) CHECK_STATUS(mma_mode(ctx, &mma));
   attend_config cfg = {0};
   build_options opt = {{0}, 0};
   const char *file = "attend_setup.cl+attend.cl", *name = "attend_fwd";
-  if (mma != MMA_OFF && attend_mma_configure(ctx, mode, d, mma == MMA_EMULATED,
-                                              k->dtype == CLNSA_F32, v->dtype == CLNSA_F32, &cfg)) {
+  if (mma != MMA_OFF && tf32 && attend_tf32_configure(ctx, mode, d, mma == MMA_EMULATED, &cfg)) {
+    file = "warp_ops.cl+attend_setup.cl+attend_tf32.cl", name = "attend_tf32_fwd";
+    options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DNW=%d", mode, d->DK,
+                d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.wg / 32);
+    options_add(&opt, " -DWARP_EMULATE=%d -DHAS_LSE=%d", mma == MMA_EMULATED, lse ? 1 : 0);
+  } else if (mma != MMA_OFF && half &&
+             attend_mma_configure(ctx, mode, d, mma == MMA_EMULATED, k->dtype == CLNSA_F32,
+                                  v->dtype == CLNSA_F32, &cfg)) {
     file = "warp_ops.cl+attend_setup.cl+attend_mma.cl", name = "attend_mma_fwd";
-    options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DNW=%d", mode,
-                d->DK, d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.wg / 32);
+    options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DNW=%d", mode, d->DK,
+                d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.wg / 32);
     options_add(&opt, " -DMMA_DT=%d -DWARP_EMULATE=%d -DHAS_LSE=%d -DVEARLY=%d", (int)q->dtype,
                 mma == MMA_EMULATED, lse ? 1 : 0, cfg.vearly);
   } else {
     /* the portable kernel; tuning_attend sizes its f32 local tiles */
     CHECK_STATUS(attend_configure(ctx, mode, d, &cfg));
-    options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DKW=%d -DDW=%d",
-                mode, d->DK, d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.kw, cfg.dw);
+    options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DKW=%d -DDW=%d", mode,
+                d->DK, d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.kw, cfg.dw);
     /* On an H200 (bf16, D=128) 16-byte loads ran the selected branch 1.7-2.4x faster;
      * the register prefetch gained nothing there (and makes PoCL builds 3x longer), so it
      * stays a tunable, off by default. */

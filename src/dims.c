@@ -38,6 +38,7 @@ clnsa_status dims_params(clnsa_context *ctx, const clnsa_params *p, nsa_dims *d)
   d->S = p->block_count;
   d->W = p->window;
   d->scale = p->scale;
+  d->tf32 = (p->flags & CLNSA_FLAG_TF32) != 0;
   return CLNSA_SUCCESS;
 }
 

@@ -129,6 +129,7 @@ typedef struct nsa_dims {
   int BS, S, W;
   int NB;          /* compressed rows per batch element (packed total with seqs) */
   float scale;
+  bool tf32;       /* CLNSA_FLAG_TF32: f32 attention may run on tf32 matrix units */
   const clnsa_seqs *seqs;
 } nsa_dims;
 

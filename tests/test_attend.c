@@ -41,7 +41,7 @@ typedef struct attend_case {
 typedef struct problem {
   const attend_case *c;
   ref_shape s;
-  clnsa_params p;
+  clnsa_params p;   /* flags: CLNSA_FLAG_TF32 in test_attend_tf32 */
   clnsa_seqs *seqs; /* varlen, or n = 1 for the compressed branch when TQ < TK */
   clnsa_dtype qdt, kdt, vdt;
   double *q, *k, *v;
@@ -50,9 +50,20 @@ typedef struct problem {
   dev_tensor dq, dk, dv;
 } problem;
 
-/* The dtypes' bound; 1e-2 at most where the tensor cores multiply 16-bit q (the
- * semantics' bound for half-precision matrix units). */
+/* Whether a case runs cl/attend_tf32.cl: the flag, f32 inputs, a tensor-core path on the
+ * context and the shapes it takes (src/attend.c, attend_tf32_fits). Anywhere else the
+ * flag must leave the exact f32 path in charge. */
+static bool runs_tf32(const problem *pb) {
+  const attend_case *c = pb->c;
+  return (pb->p.flags & CLNSA_FLAG_TF32) && c->dt == CLNSA_F32 && c->mixed == KV_SAME &&
+         c->aligned && c->DK % 16 == 0 && c->DV % 32 == 0 && c->DK <= 128 && c->DV <= 128 &&
+         clnsa_context_tensor_cores(ctx) != CLNSA_MMA_NONE;
+}
+
+/* The dtypes' bound; 1e-2 at most where the tensor cores multiply 16-bit q, and 1e-2 for
+ * TF32 (the semantics' bound for tf32 or half-precision matrix units). */
 static double tolerance(const problem *pb) {
+  if (runs_tf32(pb)) return 1e-2;
   double t = dtype_tolerance(pb->c->dt);
   clnsa_dtype all[3] = {pb->qdt, pb->kdt, pb->vdt};
   for (int i = 0; i < 3; i++) t = fmax(t, dtype_tolerance(all[i]));
@@ -66,7 +77,7 @@ static double *random_array(rng *r, size_t n, double amp) {
   return x;
 }
 
-static void problem_init(problem *pb, const attend_case *c, rng *r) {
+static void problem_init(problem *pb, const attend_case *c, unsigned flags, rng *r) {
   memset(pb, 0, sizeof *pb);
   pb->c = c;
   ref_shape *s = &pb->s;
@@ -77,6 +88,7 @@ static void problem_init(problem *pb, const attend_case *c, rng *r) {
   s->scale = c->scale ? c->scale : 1.0 / sqrt((double)c->DK);
   pb->p = clnsa_params_default();
   pb->p.block_size = c->BS, pb->p.block_count = c->S, pb->p.scale = c->scale;
+  pb->p.flags = flags;
   if (c->nseq)
     assert_int_equal(clnsa_seqs_create(ctx, &pb->p, c->nseq, c->cu_q, c->cu_k, &pb->seqs), 0);
   pb->qdt = c->dt;
@@ -135,15 +147,25 @@ static void outputs_check(const problem *pb, outputs *out, clnsa_status st, cl_e
   const attend_case *c = pb->c;
   printf(
       "# %-10s %-14s B=%d TQ=%d TK=%d H=%d G=%d DK=%d DV=%d BS=%d S=%d W=%d nseq=%d "
-      "%s%s: o %.2e lse %.2e\n",
+      "%s%s%s: o %.2e lse %.2e\n",
       branch, c->name, pb->s.B, pb->s.TQ, pb->s.TK, c->H, c->G, c->DK, c->DV, c->BS, c->S, W,
       c->nseq, dtype_label(c->dt),
       c->mixed == KV_F32 ? "+kv f32"
       : c->mixed         ? "+mixed"
                          : "",
+      runs_tf32(pb)                   ? " tf32"
+      : pb->p.flags & CLNSA_FLAG_TF32 ? " tf32-flag exact"
+                                      : "",
       eo, el);
   assert_true(eo < tolerance(pb));
-  assert_true(el < 1e-5);
+  if (runs_tf32(pb)) {
+    /* lse carries the scores' tf32 rounding too (the semantics' bound); and an o error
+     * above the exact path's 1e-5 (v alone is rounded by ~1e-4) shows the TF32 kernel ran */
+    assert_true(el < 1e-2);
+    assert_true(eo > 1e-5);
+  } else {
+    assert_true(el < 1e-5);
+  }
   dev_free(&out->o), dev_free(&out->lse);
   free(out->ro), free(out->rl);
 }
@@ -219,13 +241,17 @@ static void run_selected(problem *pb, rng *r) {
   free(bi);
 }
 
-static void run_case(const attend_case *c, rng *r) {
+static void run_case_flags(const attend_case *c, unsigned flags, rng *r) {
   problem pb;
-  problem_init(&pb, c, r);
+  problem_init(&pb, c, flags, r);
   run_compressed(&pb);
   for (int i = 0; i < MAX_W && c->W[i] > 0; i++) run_window(&pb, c->W[i]);
   run_selected(&pb, r);
   problem_free(&pb);
+}
+
+static void run_case(const attend_case *c, rng *r) {
+  run_case_flags(c, 0, r);
 }
 
 /* Shapes around the block size, odd lengths, every group size class, TQ < TK, varlen
@@ -379,7 +405,7 @@ static void test_attend_without_lse(void **state) {
   static const attend_case c = {"no lse", 1, 21,  21,  1,         2, 32, 24, 8, 4,
                                 {5},      0, {0}, {0}, CLNSA_F32, 0, 0,  0,  0};
   problem pb;
-  problem_init(&pb, &c, &r);
+  problem_init(&pb, &c, 0, &r);
   pb.s.W = pb.p.window = 5;
   dev_tensor o = dev_output(ctx, CLNSA_F32, 4, pb.sho, false);
   double *ro = malloc(sizeof(double) * pb.no), *rl = malloc(sizeof(double) * pb.nl);
@@ -413,7 +439,7 @@ static void test_attend_empty(void **state) {
   static const attend_case c = {"empty", 1, 7,   7,   2,         2, 32, 24, 8, 3,
                                 {0},     0, {0}, {0}, CLNSA_F32, 0, 0,  0,  0};
   problem pb;
-  problem_init(&pb, &c, &r);
+  problem_init(&pb, &c, 0, &r);
   cl_event ev;
   /* compressed: 7 tokens < BS, no complete block */
   int64_t shc[4] = {1, 1, 2, 32}, shvc[4] = {1, 1, 2, 24};
@@ -515,6 +541,32 @@ static void test_attend_tensor_cores(void **state) {
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], &r);
 }
 
+/* CLNSA_FLAG_TF32 with f32 q, k, v: on a tensor-core path (NVIDIA, or CLNSA_TUNE=MMA=2)
+ * cl/attend_tf32.cl within the semantics' 1e-2 for tf32 matrix units, elsewhere, and for
+ * shapes it does not take (DV = 24 here), the exact path within 1e-5. D = 128; G not a
+ * multiple of 16 (packed tokens G = 1, 3; a partial 16-row tile; G = 20: two tiles per
+ * token); DK = 48 (the K tile's other padding); varlen with an empty sequence; TQ < TK;
+ * several key tiles per warp; peaked scores; a block size that does not divide the tile. */
+static void test_attend_tf32(void **state) {
+  (void)state;
+  rng r = {harness_seed("attend tf32")};
+  printf("# tensor-core path: %d\n", (int)clnsa_context_tensor_cores(ctx));
+  /* clang-format off */
+  static const attend_case cases[] = {
+      /* name, B, TQ, TK, H, G, DK, DV, BS, S, W, nseq, cu_q, cu_k, dt, mixed, amp, scale, aligned */
+      {"tf32 G16 d128", 1, 40, 40, 1, 16, 128, 128, 16, 3, {9, 100}, 0, {0}, {0}, CLNSA_F32, 0, 0, 0, 1},
+      {"tf32 G3 varlen", 1, 0, 0, 2, 3, 64, 32, 8, 5, {7}, 4, {0, 6, 6, 40, 41}, {0, 6, 6, 40, 41},
+       CLNSA_F32, 0, 0, 0, 1},
+      {"tf32 G20 dk48", 1, 21, 21, 1, 20, 48, 64, 5, 3, {16}, 0, {0}, {0}, CLNSA_F32, 0, 0, 0, 1},
+      {"tf32 G1 TQ<TK", 2, 9, 77, 1, 1, 64, 32, 8, 6, {40}, 0, {0}, {0}, CLNSA_F32, 0, 0, 0, 1},
+      {"tf32 peaked", 1, 48, 48, 1, 4, 64, 32, 8, 5, {48}, 0, {0}, {0}, CLNSA_F32, 0, 2.0, 0.7f, 1},
+      {"tf32 dv24", 1, 30, 30, 1, 2, 32, 24, 8, 3, {9}, 0, {0}, {0}, CLNSA_F32, 0, 0, 0, 1},
+  };
+  /* clang-format on */
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+    run_case_flags(&cases[i], CLNSA_FLAG_TF32, &r);
+}
+
 /* The compressed entry's own shape rules: k_cmp rows must be ceil(TK/BS) with TK = TQ
  * (or seqs' total); lse must be f32. Nothing is written on failure. */
 static void test_attend_rejects(void **state) {
@@ -523,7 +575,7 @@ static void test_attend_rejects(void **state) {
   static const attend_case c = {"rejects", 1, 17,  17,  1,         2, 32, 24, 8, 3,
                                 {0},       0, {0}, {0}, CLNSA_F32, 0, 0,  0,  0};
   problem pb;
-  problem_init(&pb, &c, &r);
+  problem_init(&pb, &c, 0, &r);
   int64_t shc[4] = {1, 2, 1, 32}, shvc[4] = {1, 2, 1, 24}; /* ceil(17/8) = 3, not 2 */
   double kc[64], vc[48];
   rng_fill(&r, kc, 64, -1, 1), rng_fill(&r, vc, 48, -1, 1);
@@ -552,16 +604,22 @@ static void test_attend_rejects(void **state) {
 int main(int argc, char **argv) {
   ctx = harness_context();
   if (harness_tensor_cores_mode(ctx, argc, argv)) {
-    const struct CMUnitTest only[] = {cmocka_unit_test(test_attend_tensor_cores)};
+    const struct CMUnitTest only[] = {cmocka_unit_test(test_attend_tensor_cores),
+                                      cmocka_unit_test(test_attend_tf32)};
     int rc = cmocka_run_group_tests(only, NULL, NULL);
     clnsa_context_destroy(ctx);
     return rc;
   }
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_attend_tensor_cores),    cmocka_unit_test(test_attend_shapes),
-      cmocka_unit_test(test_attend_dtypes_dims),     cmocka_unit_test(test_attend_small_tiles),
-      cmocka_unit_test(test_attend_selected_packed), cmocka_unit_test(test_attend_without_lse),
-      cmocka_unit_test(test_attend_empty),           cmocka_unit_test(test_attend_rejects),
+      cmocka_unit_test(test_attend_tensor_cores),
+      cmocka_unit_test(test_attend_shapes),
+      cmocka_unit_test(test_attend_dtypes_dims),
+      cmocka_unit_test(test_attend_small_tiles),
+      cmocka_unit_test(test_attend_selected_packed),
+      cmocka_unit_test(test_attend_without_lse),
+      cmocka_unit_test(test_attend_empty),
+      cmocka_unit_test(test_attend_rejects),
+      cmocka_unit_test(test_attend_tf32),
   };
   int rc = cmocka_run_group_tests(tests, NULL, NULL);
   clnsa_context_destroy(ctx);

@@ -26,7 +26,8 @@ enum { G_CMP = 1, G_SLC = 2, G_SWA = 4, G_ALL = 7 };
 typedef struct shape_class {
   int DK, DV, BS;
 } shape_class;
-static const shape_class classes[] = {{16, 24, 8}, {32, 16, 4}, {48, 32, 16}};
+/* The last serves CLNSA_FLAG_TF32 only (test_forward_tf32): D = 128. */
+static const shape_class classes[] = {{16, 24, 8}, {32, 16, 4}, {48, 32, 16}, {128, 128, 32}};
 
 typedef struct fcase {
   int B, TQ, TK, H, G, cls, S, W;
@@ -94,10 +95,10 @@ static bool row_has(const int *row, int S, int c) {
 }
 
 /* Compares the device's block indices with the reference's as sets. A row may differ
- * only by swapping blocks whose importances tie within 1e-4 (f32 rounding); returns how
- * many rows did, or -1 on a real mismatch. */
-static int compare_indices(const ref_shape *s, const double *q, const ref_saved *sv,
-                           const int *dev) {
+ * only by swapping blocks whose importances tie within `tie` (relative: 1e-4 for f32
+ * rounding); returns how many rows did, or -1 on a real mismatch. */
+static int compare_indices(const ref_shape *s, const double *q, const ref_saved *sv, const int *dev,
+                           double tie) {
   int ties = 0;
   for (int n = 0; n < nsegments(s); n++) {
     segment g = get_segment(s, n);
@@ -134,7 +135,7 @@ static int compare_indices(const ref_shape *s, const double *q, const ref_saved 
             bool forced = dr[x] >= ic - 1 || dr[x] == 0 || rr[y] >= ic - 1 || rr[y] == 0;
             double a = importance(s, q, sv->k_cmp, sv->lse_cmp, qr, g.c0, h, dr[x]);
             double b = importance(s, q, sv->k_cmp, sv->lse_cmp, qr, g.c0, h, rr[y]);
-            if (forced || fabs(a - b) > 1e-4 * fmax(a, b) + 1e-7) {
+            if (forced || fabs(a - b) > tie * fmax(a, b) + 1e-7) {
               print_error(
                   "token %d head %d: block %d (importance %.9g) chosen instead of %d "
                   "(%.9g)\n",
@@ -220,7 +221,8 @@ static double now(void) {
   return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-static void run_case(const fcase *fc, rng *r) {
+/* One forward with params.flags = flags (0, or CLNSA_FLAG_TF32). */
+static void run_case(const fcase *fc, unsigned flags, rng *r) {
   const double t0 = now();
   const shape_class *sc = &classes[fc->cls];
   ref_shape s = {0};
@@ -269,6 +271,13 @@ static void run_case(const fcase *fc, rng *r) {
 
   clnsa_params p = clnsa_params_default();
   p.block_size = s.BS, p.block_count = s.S, p.window = s.W;
+  p.flags = flags;
+  /* TF32 runs where a tensor-core path and the shapes allow it (src/attend.c): aligned f32
+   * rows, DK a multiple of 16, DV of 32. Its lse_cmp, rounded like the scores, feeds top-k:
+   * importances then move by up to ~1e-3, so near-ties are judged at 1e-2. */
+  const bool tf32 = (flags & CLNSA_FLAG_TF32) && !fc->mixed && fc->dt == CLNSA_F32 && !fc->padded &&
+                    !fc->misalign && s.DK % 16 == 0 && s.DV % 32 == 0 && s.DK <= 128 &&
+                    s.DV <= 128 && clnsa_context_tensor_cores(ctx) != CLNSA_MMA_NONE;
   clnsa_seqs *seqs = NULL;
   if (s.nseq)
     assert_int_equal(clnsa_seqs_create(ctx, &p, s.nseq, s.cu_q, s.cu_k, &seqs), CLNSA_SUCCESS);
@@ -334,7 +343,7 @@ static void run_case(const fcase *fc, rng *r) {
     tv_idx.t = view;
     tv_idx.count = nidx;
     int *dev_idx = dev_download_int(ctx, &tv_idx);
-    ties = compare_indices(&s, q, &sv, dev_idx);
+    ties = compare_indices(&s, q, &sv, dev_idx, tf32 ? 1e-2 : 1e-4);
     if (ties < 0) fail_msg("block indices differ from the reference");
     if (ties > 0) { /* near-tie: the device's (equally valid) choice defines the reference */
       rin.block_indices = dev_idx;
@@ -347,13 +356,19 @@ static void run_case(const fcase *fc, rng *r) {
   double e = rel_error(dev_download(ctx, &to), ref, nq * s.DV);
   printf(
       "# B=%d TQ=%d TK=%d H=%d G=%d DK=%d DV=%d BS=%d S=%d W=%d nseq=%d gates=%c%c%c%s%s "
-      "%s%s%s: o %.2e%s (%.1f s)\n",
+      "%s%s%s%s: o %.2e%s (%.1f s)\n",
       s.B, s.TQ, s.TK, s.H, fc->G, s.DK, s.DV, s.BS, s.S, s.W, s.nseq,
       fc->gates & G_CMP ? 'c' : '-', fc->gates & G_SLC ? 's' : '-', fc->gates & G_SWA ? 'w' : '-',
       idx ? " caller-indices" : "", cnt ? " counts" : "", fc->mixed ? "mixed" : dtype_label(fc->dt),
-      fc->padded ? " padded" : "", fc->misalign ? " misaligned-ws" : "", e,
-      ties ? " (index ties)" : "", now() - t0);
-  assert_true(e < dtype_tolerance(dout));
+      fc->padded ? " padded" : "", fc->misalign ? " misaligned-ws" : "",
+      tf32                      ? " tf32"
+      : flags & CLNSA_FLAG_TF32 ? " tf32-flag exact"
+                                : "",
+      e, ties ? " (index ties)" : "", now() - t0);
+  /* TF32: the semantics' 1e-2 for tf32 matrix units, and an error above the exact path's
+   * 1e-5 (v alone is rounded by ~1e-4) shows that the TF32 kernels ran */
+  assert_true(e < (tf32 ? 1e-2 : dtype_tolerance(dout)));
+  if (tf32) assert_true(e > 1e-5);
   if (fc->padded) check_gaps(&to);
   check_arena(off, need);
 
@@ -423,7 +438,7 @@ static void test_forward_fixed(void **state) {
   (void)state;
   rng r = {harness_seed("forward fixed")};
   for (size_t i = 0; i < sizeof fixed_cases / sizeof fixed_cases[0]; i++)
-    run_case(&fixed_cases[i], &r);
+    run_case(&fixed_cases[i], 0, &r);
 }
 
 /* Random structure on top: lengths, heads, packing, gates, indices and counts drawn
@@ -462,8 +477,35 @@ static void test_forward_random(void **state) {
       fc.TK = rng_int(&r, 1, 80);
       fc.TQ = rng_int(&r, 0, 2) ? fc.TK : rng_int(&r, 1, fc.TK);
     }
-    run_case(&fc, &r);
+    run_case(&fc, 0, &r);
   }
+}
+
+/* CLNSA_FLAG_TF32 with f32 inputs: compressed, selected and window attention on the TF32
+ * kernels (cl/attend_tf32.cl) where the context has a tensor-core path (NVIDIA, or
+ * CLNSA_TUNE=MMA=2 through `test_forward tensor-cores`), the exact path elsewhere and for
+ * rows it does not take (the padded case); top-k stays exact (on the rounded lse_cmp).
+ * D = 128 with G = 16 and a long window, G = 3 with per-token counts, varlen with an empty
+ * and a length-1 sequence, caller indices with TQ < TK. */
+/* clang-format off */
+static const fcase tf32_cases[] = {
+    /* B TQ  TK  H  G cls S  W  nseq cu_q cu_k gates caller counts padded dtype mixed misalign */
+    {1, 48, 48, 1, 16, 3, 3, 40, 0, {0}, {0}, G_ALL, false, false, false, CLNSA_F32, false, false},
+    {2, 47, 47, 2, 3, 2, 3, 20, 0, {0}, {0}, G_ALL, false, true, false, CLNSA_F32, false, false},
+    {1, 0, 0, 2, 2, 2, 4, 12, 5, {0, 20, 20, 21, 60, 75}, {0}, G_ALL, false, false, false,
+     CLNSA_F32, false, false},
+    {1, 9, 60, 1, 5, 2, 3, 16, 0, {0}, {0}, G_SLC | G_SWA, true, false, false, CLNSA_F32, false,
+     false},
+    {1, 30, 30, 1, 2, 2, 3, 8, 0, {0}, {0}, G_ALL, false, false, true, CLNSA_F32, false, false},
+};
+/* clang-format on */
+
+static void test_forward_tf32(void **state) {
+  (void)state;
+  rng r = {harness_seed("forward tf32")};
+  printf("# tensor-core path: %d\n", (int)clnsa_context_tensor_cores(ctx));
+  for (size_t i = 0; i < sizeof tf32_cases / sizeof tf32_cases[0]; i++)
+    run_case(&tf32_cases[i], CLNSA_FLAG_TF32, &r);
 }
 
 /* The stages of one forward must be ordered by events alone: the same cases on an
@@ -484,12 +526,13 @@ static void test_forward_out_of_order(void **state) {
   ctx = ooo;
   rng r = {harness_seed("forward out-of-order")};
   const int picks[] = {1, 5, 10, 17};
-  for (size_t i = 0; i < sizeof picks / sizeof picks[0]; i++) run_case(&fixed_cases[picks[i]], &r);
+  for (size_t i = 0; i < sizeof picks / sizeof picks[0]; i++)
+    run_case(&fixed_cases[picks[i]], 0, &r);
   ctx = in_order;
   clnsa_context_destroy(ooo);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
   ctx = harness_context();
@@ -497,8 +540,12 @@ int main(void) {
       cmocka_unit_test(test_forward_fixed),
       cmocka_unit_test(test_forward_random),
       cmocka_unit_test(test_forward_out_of_order),
+      cmocka_unit_test(test_forward_tf32),
   };
-  int rc = cmocka_run_group_tests(tests, NULL, NULL);
+  /* `test_forward tensor-cores`: the TF32 cases alone, on the tensor-core path */
+  const struct CMUnitTest tc_only[] = {cmocka_unit_test(test_forward_tf32)};
+  int rc = harness_tensor_cores_mode(ctx, argc, argv) ? cmocka_run_group_tests(tc_only, NULL, NULL)
+                                                      : cmocka_run_group_tests(tests, NULL, NULL);
   clock_gettime(CLOCK_MONOTONIC, &t1);
   printf("# forward: %.1f s, %d rows decided by near-ties\n",
          (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec), tie_rows);
