@@ -80,6 +80,8 @@ void usage_bench(FILE *f) {
           "  --json F            write one JSON object per line per (config, stage) to F\n"
           "  --device SPEC       device index or name part (default: CLNSA_DEVICE, then\n"
           "                      the first GPU, then the first device; see `clnsa devices`)\n"
+          "  --tf32              f32 runs with CLNSA_FLAG_TF32 (tensor cores where the\n"
+          "                      device has them; dtype column \"tf32\")\n"
           "  --quiet             no progress on stderr\n"
           "Lists are comma-separated: --seq 1024,2048 --dtype f32,bf16 --group 1,4,16.\n");
 }
@@ -95,7 +97,7 @@ typedef struct bench_options {
   int batch, heads, dim, block_size, block_count, window;
   int repeat, warmup, sets, flush_mb, dense_max_seq, seed;
   unsigned stages; /* bit (1u << stage_id) per stage asked for */
-  bool stages_given, quiet;
+  bool stages_given, quiet, tf32;
   const char *json, *device;
 } bench_options;
 
@@ -231,6 +233,7 @@ static int parse_options(int argc, char **argv, bench_options *o) {
       {"json", OPT_STRING, &o->json, NULL, 0, 0},
       {"device", OPT_STRING, &o->device, NULL, 0, 0},
       {"quiet", OPT_FLAG, &o->quiet, NULL, 0, 0},
+      {"tf32", OPT_FLAG, &o->tf32, NULL, 0, 0},
   };
   const size_t nspecs = sizeof specs / sizeof specs[0];
   for (int i = 1; i < argc; i++) {
@@ -947,6 +950,11 @@ static void json_number(FILE *f, const char *key, double x, bool valid) {
     fprintf(f, ",\"%s\":null", key);
 }
 
+/* The dtype column: the storage type, "tf32" for f32 run with CLNSA_FLAG_TF32. */
+static const char *dtype_label(const bench_run *r) {
+  return (r->p.flags & CLNSA_FLAG_TF32) ? "tf32" : cli_dtype_name(r->c.dt);
+}
+
 static void json_line(FILE *f, const bench_run *r, stage_id st, const stage_result *res,
                       work w) {
   const bench_config *c = &r->c;
@@ -962,7 +970,7 @@ static void json_line(FILE *f, const bench_run *r, stage_id st, const stage_resu
           ",\"date\":\"%s\",\"T\":%d,\"B\":%d,\"HQ\":%d,\"H\":%d,\"G\":%d,\"DK\":%d,\"DV\":%d,"
           "\"BS\":%d,\"S\":%d,\"W\":%d,\"dtype\":\"%s\",\"stage\":\"%s\"",
           date, c->T, c->B, c->HQ, c->H, c->G, c->D, c->D, c->BS, c->S, c->W,
-          cli_dtype_name(c->dt), STAGE_NAME[st]);
+          dtype_label(r), STAGE_NAME[st]);
   json_number(f, "ms_median", res->med, ok);
   json_number(f, "ms_min", res->min, ok);
   fprintf(f, ",\"repeats\":%d", res->n);
@@ -987,7 +995,7 @@ static void table_header(void) {
 static void table_row(const bench_run *r, stage_id st, const stage_result *res, work w,
                       const stage_result *dense) {
   const bench_config *c = &r->c;
-  printf("%7d %-5s %4d %5d %-10s %4d ", c->T, cli_dtype_name(c->dt), c->G, c->HQ,
+  printf("%7d %-5s %4d %5d %-10s %4d ", c->T, dtype_label(r), c->G, c->HQ,
          STAGE_NAME[st], r->nsets);
   if (res->n == 0) {
     printf("%11s %11s %8s %8s", "n/a", "n/a", "-", "-");
@@ -1078,6 +1086,7 @@ static bool sweep_one(sweep *w, clnsa_dtype dt, int G, int T) {
                         o->block_size, o->block_count, o->window, dt};
   r->p = clnsa_params_default();
   r->p.block_size = o->block_size, r->p.block_count = o->block_count, r->p.window = o->window;
+  if (o->tf32 && dt == CLNSA_F32) r->p.flags |= CLNSA_FLAG_TF32;
   r->stages = o->stages;
   r->flush_bytes = flush_bytes(o, &w->dev);
   run_config(w, r);
