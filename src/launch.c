@@ -8,8 +8,9 @@
 #include "internal.h"
 
 /* CLNSA_TRACE=1: every kernel is waited for and named on stderr before the next one is
- * enqueued, so that a kernel that hangs or faults names itself (debugging only: it
- * serialises the queue). */
+ * enqueued, so that a kernel that hangs or faults names itself, with its run time where
+ * the queue profiles (`clnsa bench` makes such a queue: a per-kernel breakdown). Debugging
+ * only: it serialises the queue. */
 static void trace_kernel(cl_kernel k, cl_event ev) {
   const char *env = getenv("CLNSA_TRACE");
   if (!env || strcmp(env, "1") != 0) return;
@@ -18,7 +19,14 @@ static void trace_kernel(cl_kernel k, cl_event ev) {
   fprintf(stderr, "clnsa trace: %s ...", name);
   fflush(stderr);
   const cl_int err = clWaitForEvents(1, &ev);
-  fprintf(stderr, " %s\n", err == CL_SUCCESS ? "done" : "FAILED");
+  cl_ulong t0 = 0, t1 = 0; /* only on a queue made with CL_QUEUE_PROFILING_ENABLE */
+  if (err == CL_SUCCESS &&
+      clGetEventProfilingInfo(ev, CL_PROFILING_COMMAND_START, sizeof t0, &t0, NULL) ==
+          CL_SUCCESS &&
+      clGetEventProfilingInfo(ev, CL_PROFILING_COMMAND_END, sizeof t1, &t1, NULL) == CL_SUCCESS)
+    fprintf(stderr, " done %.4f ms\n", (double)(t1 - t0) * 1e-6);
+  else
+    fprintf(stderr, " %s\n", err == CL_SUCCESS ? "done" : "FAILED");
 }
 
 void chain_begin(enqueue_chain *c, cl_uint nwait, const cl_event *wait) {
