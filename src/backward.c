@@ -286,8 +286,9 @@ static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool 
                               bwd_plan *p) {
   const int per_block = (d->BS + 15) / 16;
   p->dq_nw = emulate ? 1 : tuning_env_int("BWD_MMA_NW", 4, 1);
-  p->cq_nw = emulate ? 1 : 4; /* the compressed kernels: bwd_mma_cmp_configure */
-  p->ckv_nw = emulate ? 1 : 2;
+  /* the compressed kernels (bwd_mma_cmp_configure may lower ckv_nw to fit) */
+  p->cq_nw = emulate ? 1 : tuning_env_int("BWD_CQ_NW", 4, 1);
+  p->ckv_nw = emulate ? 1 : tuning_env_int("BWD_CKV_NW", 2, 1);
   p->kv_nw = emulate ? 1 : per_block < 4 ? per_block : 4;
   const size_t scratch = emulate ? 4 * 32 * 6 : 0;
   const size_t dq_bytes = 4 * (3 * (size_t)CLNSA_MAX_BLOCK_COUNT + 16 * ((size_t)d->DK + 4));
