@@ -5,9 +5,13 @@
  * LD8 and its header's notation), for bf16 q and do only: src/backward.c takes these where
  * the selected pair runs on tensor cores, q is bf16 and the k_cmp/v_cmp rows are aligned.
  *
- * The keys are the forward's f32 k_cmp, v_cmp rows (one per block); each value x enters
- * as bf16 hi = bf16(x) and lo = bf16(x - hi), both through the tensor cores (as
- * cl/attend_mma.cl's forward does for K), so q.k_cmp keeps near-f32 accuracy. An f16 split
+ * The keys are the forward's f32 k_cmp, v_cmp rows (one per block); each k_cmp value x
+ * enters as bf16 hi = bf16(x) and lo = bf16(x - hi), both through the tensor cores (as
+ * cl/attend_mma.cl's forward does for K), so q.k_cmp, hence P, keeps near-f32 accuracy.
+ * v_cmp enters as its bf16 term alone (CV_SPLIT=1 adds the lo term): dP = do.v_cmp then
+ * carries bf16 rounding, the size of the rounding of P and dS to bf16 as A operands, for
+ * a quarter fewer local-memory fragment reads and mma in dk/dv (the dk/dv kernel is
+ * bound by those reads: every step re-reads its blocks' fragments from local memory). An f16 split
  * would lose the lo terms of small values to f16's range, and mma takes one type for A and
  * B, so f16 q runs the portable kernels.
  *  - bwd_dq_compressed_mma: a group owns 16 CQ_NW consecutive flattened rows (token * G +
@@ -43,6 +47,9 @@
 #endif
 #ifndef CKV_NW
 #define CKV_NW 2 /* bwd_dkdv_compressed_mma: warps per group, 16 blocks each */
+#endif
+#ifndef CV_SPLIT /* 1: v_cmp enters as bf16 hi + lo like k_cmp; 0: as its bf16 term only */
+#define CV_SPLIT 0
 #endif
 #if CKT % 16
 #error "attend_bwd_cmp_mma.cl: CKT a multiple of 16"
@@ -115,8 +122,9 @@ typedef struct kv_row {
 /* The A fragments of a dk/dv warp's 16 keys wait in local memory, each lane its own slots
  * (no synchronisation): slot x of this lane is frag[x * stride]. Slots 2c + rh hold the hi
  * words of k chunk c of key gid + 8 rh, then 2 DKC + 2c + rh those of v; the lo words
- * follow in the same order from KV_SLOTS on. */
+ * follow in the same order from KV_SLOTS on (v's only with CV_SPLIT). */
 #define KV_SLOTS (2 * (DKC + DVC))
+#define KV_ALL (KV_SLOTS + 2 * DKC + CV_SPLIT * 2 * DVC) /* slots a lane holds */
 
 /* dk (ak) and dv (av) of this warp's keys key0 + gid (+ 8) += the 16 rows of one step:
  * rb[nt] is row 8nt + gid (a B column), re[nt][x] row 8nt + 2tig + x (a C column). S^T =
@@ -149,7 +157,7 @@ inline __attribute__((always_inline)) void dkdv_step(
 #pragma unroll
     for (int c = 0; c < DVC; c++) ob[c][nt] = LD8(dout, rb[nt].oa + 32 * c, ok);
 #pragma unroll
-    for (int x = 0; x < 2; x++) {
+    for (int x = 0; x <= CV_SPLIT; x++) {
       __local const uint4 *f = frag + (x * KV_SLOTS + 2 * DKC) * stride;
 #pragma unroll
       for (int c = 0; c < DVC; c++)
@@ -231,6 +239,14 @@ inline __attribute__((always_inline)) void split8(__global const float *p, long 
                 pack2(b.z - bf16_half(r.w, 0), b.w - bf16_half(r.w, 1)));
 }
 
+/* The same elements as their hi terms only. */
+inline __attribute__((always_inline)) void round8(__global const float *p, long i, bool ok,
+                                                  __local uint4 *hi) {
+  const float4 a = ok ? *(__global const float4 *)(p + i) : (float4)(0.0f);
+  const float4 b = ok ? *(__global const float4 *)(p + i + 4) : (float4)(0.0f);
+  *hi = (uint4)(pack2(a.x, a.y), pack2(a.z, a.w), pack2(b.x, b.y), pack2(b.z, b.w));
+}
+
 /* Flattened row f = (token f / G, head f % G) of a sequence: blocks c < (t + 1) / BS. */
 inline int cmp_blocks(long f, long fend, int G, int BS) {
   return f < fend ? (int)(f / G + 1) / BS : 0;
@@ -240,7 +256,7 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
     CTENSOR(Q_DT, q), CTENSOR(0, kc), CTENSOR(0, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
     __global float *ws, long gate_off, long delta_off, long dq_off, float scale, int BS, SEQ_ARGS) {
   /* the staged tile: hi words of its CKT blocks, then their lo words */
-  __local uint4 kst[2 * CKT * KLD8], vst[2 * CKT * VLD8];
+  __local uint4 kst[2 * CKT * KLD8], vst[(1 + CV_SPLIT) * CKT * VLD8];
   WARP_SCRATCH(wx);
   const cmp_seq sp = cmp_sequence(cu, nseq, TQ, NB, get_group_id(1));
   const int h = get_group_id(2), G = HQ / H, lid = get_local_id(0);
@@ -278,13 +294,19 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
     }
     for (int x = lid; x < CKT * (DV / 8); x += 32 * CQ_NW) {
       const int j = x / (DV / 8), u = x - j * (DV / 8);
+#if CV_SPLIT
       split8(vc, TIDX(vc, sp.b, sp.c0 + min(k0 + j, kend - 1), h) + 8 * u, k0 + j < kend,
              vst + j * VLD8 + u, vst + (CKT + j) * VLD8 + u);
+#else
+      round8(vc, TIDX(vc, sp.b, sp.c0 + min(k0 + j, kend - 1), h) + 8 * u, k0 + j < kend,
+             vst + j * VLD8 + u);
+#endif
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     if (k0 >= wend) continue; /* warp-uniform: none of this warp's rows sees the tile */
 
-    /* S = Q Kc^T and dP = do Vc^T, both operands' hi and lo terms (A = q and do rows) */
+    /* S = Q Kc^T over Kc's hi and lo terms, dP = do Vc^T over Vc's hi term (and lo with
+     * CV_SPLIT); A = q and do rows */
     float s[CNT][4], dp[CNT][4];
 #pragma unroll
     for (int nt = 0; nt < CNT; nt++) {
@@ -300,7 +322,9 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
 #pragma unroll
       for (int c = 0; c < DVC; c++) {
         mma_dims(dp[nt], dof[c][0], dof[c][1], vr[4 * c], wx);
+#if CV_SPLIT
         mma_dims(dp[nt], dof[c][0], dof[c][1], vr[CKT * VLD8 + 4 * c], wx);
+#endif
       }
     }
     /* dS in place of S: element e is row gid + 8 (e >> 1), block k0 + 8nt + 2tig + (e & 1) */
@@ -364,7 +388,7 @@ __kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_
     CTENSOR(Q_DT, q), CTENSOR(0, kc), CTENSOR(0, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
     __global float *ws, long gate_off, long delta_off, long dk_off, long dv_off, float scale,
     int chunks, int ctok, int BS, SEQ_ARGS) {
-  __local uint4 kvl[2 * KV_SLOTS * 32 * CKV_NW];
+  __local uint4 kvl[KV_ALL * 32 * CKV_NW];
   WARP_SCRATCH(wx);
   const cmp_seq sp = cmp_sequence(cu, nseq, TQ, NB, get_group_id(1));
   const int h = get_group_id(2), G = HQ / H, chunk = get_group_id(0) % chunks;
@@ -385,9 +409,14 @@ __kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_
              kvl + (KV_SLOTS + 2 * x + rh) * S + lid);
 #pragma unroll
     for (int x = 0; x < DVC; x++)
+#if CV_SPLIT
       split8(vc, TIDX(vc, sp.b, kr, h) + 32 * x + 8 * tig, c < sp.nb,
              kvl + (2 * DKC + 2 * x + rh) * S + lid,
              kvl + (KV_SLOTS + 2 * DKC + 2 * x + rh) * S + lid);
+#else
+      round8(vc, TIDX(vc, sp.b, kr, h) + 32 * x + 8 * tig, c < sp.nb,
+             kvl + (2 * DKC + 2 * x + rh) * S + lid);
+#endif
   }
   const float sl2 = scale * M_LOG2E_F;
   float ak[DK / 8][4], av[DV / 8][4];

@@ -357,6 +357,7 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
     options_add_dtype(&ot, "K", in->k);
     options_add_dtype(&ot, "V", in->v);
     options_add_dtype(&ot, "DO", p->d_o);
+    tuning_env_override(&ot); /* kernel-only defines (KT, CKT, CV_SPLIT) for experiments */
     const char *file = "warp_ops.cl+bwd_mask.cl+attend_bwd_mma.cl+attend_bwd_cmp_mma.cl";
     CHECK_STATUS(program_kernel(ctx, file, ot.text, "bwd_dq_selected_mma", &p->dq[BRANCH_SLC]));
     CHECK_STATUS(program_kernel(ctx, file, ot.text, "bwd_dkdv_selected_mma", &p->dkdv[BRANCH_SLC]));
