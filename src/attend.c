@@ -159,6 +159,30 @@ static bool attend_mma_fits(const nsa_dims *d, const clnsa_tensor *q, const clns
          tensor_rows_aligned16(k, d->DK) && tensor_rows_aligned16(v, d->DV);
 }
 
+/* Rows, token packing and the local bytes other than staged K/V tiles, shared by the
+ * tensor-core kernels (cl/attend_mma.cl, cl/attend_tf32.cl): the selected branch takes 16
+ * rows per group (16/G tokens packed when G < 16, the union of their block lists in local
+ * memory) and merges its nw warps' partial states; compressed and window take 16 rows a
+ * warp. */
+static size_t mma_rows_layout(int mode, const nsa_dims *d, int nw, attend_config *c) {
+  c->kw = c->dw = 0;
+  c->tpg = 1, c->ucap = 0;
+  c->rows = mode == MODE_SELECTED ? 16 : 16 * nw;
+  if (mode == MODE_SELECTED && d->G < 16) {
+    int tpg = 16 / d->G, cap = ATTEND_UNION_MAX / (d->S > 0 ? d->S : 1);
+    tpg = tpg > cap ? cap : tpg;
+    if (tpg > 1) c->tpg = tpg, c->ucap = tpg * (d->S > 0 ? d->S : 1);
+  }
+  size_t bytes = 16 * (size_t)c->rows;
+  if (mode == MODE_SELECTED) {
+    const size_t merge = (size_t)nw * 16 * (size_t)(d->DV + 4);
+    bytes += 4 * (2 * (size_t)nw * 16 + merge);
+    bytes += c->tpg > 1 ? 8 * (size_t)c->ucap * (2 * (size_t)c->ucap > merge ? 2 : 1)
+                        : 8 * (size_t)CLNSA_MAX_BLOCK_COUNT;
+  }
+  return bytes;
+}
+
 /* Warps per group and keys per step of cl/attend_mma.cl; rows and token packing as in
  * attend_tokens (16 rows: one mma tile). Returns false where local memory is short. */
 static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d, bool emulate,
@@ -175,22 +199,10 @@ static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d
    * tile in local memory: 32 keys (16 with the split) keep it near 21 KiB. */
   c->kt = tuning_env_int("MMA_KT", mode == MODE_SELECTED || split ? 16 : 32, 16);
   c->vearly = mode == MODE_SELECTED ? tuning_env_int("VEARLY", split ? 0 : 1, 0) : 0;
-  c->kw = c->dw = 0;
-  c->tpg = 1, c->ucap = 0;
-  c->rows = mode == MODE_SELECTED ? 16 : 16 * nw;
-  if (mode == MODE_SELECTED && d->G < 16) {
-    int tpg = 16 / d->G, cap = ATTEND_UNION_MAX / (d->S > 0 ? d->S : 1);
-    tpg = tpg > cap ? cap : tpg;
-    if (tpg > 1) c->tpg = tpg, c->ucap = tpg * (d->S > 0 ? d->S : 1);
-  }
-  size_t bytes = 16 * (size_t)c->rows;
-  if (mode == MODE_SELECTED) {
-    const size_t merge = (size_t)nw * 16 * (size_t)(d->DV + 4);
-    bytes += 4 * (2 * (size_t)nw * 16 + merge);
-    bytes += c->tpg > 1 ? 8 * (size_t)c->ucap * (2 * (size_t)c->ucap > merge ? 2 : 1)
-                        : 8 * (size_t)CLNSA_MAX_BLOCK_COUNT;
-  } else { /* staged K/V tiles, rows padded by 64 bytes; f32 K kept as hi and lo, f32 V as
-            * hi alone unless V_SPLIT (cl/attend_mma.cl) */
+  size_t bytes = mma_rows_layout(mode, d, nw, c);
+  /* staged K/V tiles, rows padded by 64 bytes; f32 K kept as hi and lo, f32 V as hi alone
+   * unless V_SPLIT (cl/attend_mma.cl) */
+  if (mode != MODE_SELECTED) {
     const size_t kt = (size_t)c->kt;
     bytes += 16 * kt * (size_t)(d->DK / 8 + 4) * (k32 ? 2 : 1);
     bytes += 16 * kt * (size_t)(d->DV / 8 + 4) * (v32 && tuning_env_int("V_SPLIT", 0, 0) ? 2 : 1);
@@ -221,21 +233,8 @@ static bool attend_tf32_configure(clnsa_context *ctx, int mode, const nsa_dims *
    * fragments); compressed and window: 32 keys staged for all warps, 35 KiB at D = 128. */
   c->kt = tuning_env_int("MMA_KT", mode == MODE_SELECTED ? 16 : 32, 8);
   c->vearly = 0;
-  c->kw = c->dw = 0;
-  c->tpg = 1, c->ucap = 0;
-  c->rows = mode == MODE_SELECTED ? 16 : 16 * nw;
-  if (mode == MODE_SELECTED && d->G < 16) {
-    int tpg = 16 / d->G, cap = ATTEND_UNION_MAX / (d->S > 0 ? d->S : 1);
-    tpg = tpg > cap ? cap : tpg;
-    if (tpg > 1) c->tpg = tpg, c->ucap = tpg * (d->S > 0 ? d->S : 1);
-  }
-  size_t bytes = 16 * (size_t)c->rows;
-  if (mode == MODE_SELECTED) {
-    const size_t merge = (size_t)nw * 16 * (size_t)(d->DV + 4);
-    bytes += 4 * (2 * (size_t)nw * 16 + merge);
-    bytes += c->tpg > 1 ? 8 * (size_t)c->ucap * (2 * (size_t)c->ucap > merge ? 2 : 1)
-                        : 8 * (size_t)CLNSA_MAX_BLOCK_COUNT;
-  } else { /* staged K and V tiles, rows padded as in cl/attend_tf32.cl */
+  size_t bytes = mma_rows_layout(mode, d, nw, c);
+  if (mode != MODE_SELECTED) { /* staged K and V tiles, rows padded as in cl/attend_tf32.cl */
     bytes += 4 * (size_t)c->kt * (size_t)(d->DK + 16 - d->DK % 32 + d->DV + 4);
   }
   if (emulate) bytes += 4 * 32 * 6;
