@@ -391,7 +391,7 @@ def main():
     rng = np.random.default_rng(seed)
     default = [line for line in devices.stdout.splitlines() if "(default)" in line]
     print("# default device: " + (default[0] if default else "?"))
-    print(f"1..{len(CASES) + len(FD_CASES) + len(GRAD_CASES) + 13}", flush=True)
+    print(f"1..{len(CASES) + len(FD_CASES) + len(GRAD_CASES) + 14}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="clnsa-cli-") as tmp:
         r = Runner(tool, tmp)
@@ -400,6 +400,14 @@ def main():
         v = subprocess.run([tool, "--version"], capture_output=True, text=True)
         r.report("clnsa --version", v.returncode == 0 and v.stdout.startswith("clnsa "),
                  v.stdout.strip())
+        # CLNSA_TRACE=1 names every kernel as it finishes (stderr), the demo's first included
+        tr = subprocess.run([tool, "demo"], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, CLNSA_TRACE="1"))
+        traced = [x for x in tr.stderr.splitlines() if x.startswith("clnsa trace: ")]
+        r.report("CLNSA_TRACE=1 names each kernel", tr.returncode == 0 and len(traced) >= 3 and
+                 traced[0].startswith("clnsa trace: pool_mean ... done") and
+                 all(" done" in x for x in traced), f"exit {tr.returncode}",
+                 "\n".join(traced[:3]) or tr.stderr[-500:])
         for c in CASES:
             r.case(c, rng)
         for c in FD_CASES:
