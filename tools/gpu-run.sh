@@ -2,7 +2,8 @@
 # Runs on the lent NVIDIA machine (docs/GPU.md): build, the whole test suite on the NVIDIA
 # device, the demo and the benchmark, with logs under $OUT. Usage: tools/gpu-run.sh [bench args]
 # Environment: TESTS="attend forward ..." runs only those meson tests (default: the unit
-# and gpu suites); SKIP_BENCH=1 skips the benchmark. It writes five files (the device tool
+# and gpu suites); TEST_TIMEOUT (seconds, 900) caps them so that a hang leaves time for the
+# benchmark; SKIP_BENCH=1 skips the benchmark. It writes five files (the device tool
 # brings back at most eight): device.txt (devices, demo), build.log, test.log, bench.txt,
 # bench.jsonl.
 set -uo pipefail
@@ -19,9 +20,10 @@ meson setup /tmp/b -Dbuildtype=release >"$OUT/build.log" 2>&1 && ninja -C /tmp/b
 grep -E "^\[|tensor cores" "$OUT/device.txt"
 if [ -n "${TESTS:-}" ]; then
   # shellcheck disable=SC2086 # a list of test names
-  meson test -C /tmp/b $TESTS --print-errorlogs >"$OUT/test.log" 2>&1
+  timeout "${TEST_TIMEOUT:-900}" meson test -C /tmp/b $TESTS --print-errorlogs >"$OUT/test.log" 2>&1
 else
-  meson test -C /tmp/b --suite unit --suite gpu --print-errorlogs >"$OUT/test.log" 2>&1
+  timeout "${TEST_TIMEOUT:-900}" meson test -C /tmp/b --suite unit --suite gpu --print-errorlogs \
+    >"$OUT/test.log" 2>&1
 fi
 echo "tests: exit $?"; grep -E "^(Ok|Fail|Skipped|Timeout):|FAIL|TIMEOUT" "$OUT/test.log"
 /tmp/b/tools/clnsa demo 2>&1 | tee -a "$OUT/device.txt"
