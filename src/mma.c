@@ -81,7 +81,10 @@ static clnsa_status probe_run(clnsa_context *ctx, clnsa_dtype dt, bool emulate, 
 
 clnsa_status mma_mode(clnsa_context *ctx, int *mode) {
   const int want = tuning_env_int("MMA", -1, 0);
-  if (want == 0 || (want < 0 && ctx->info.vendor_id != VENDOR_NVIDIA)) {
+  /* mma.m16n8k16 with bf16 (and m16n8k8 .tf32) need compute capability 8.0: an older
+   * NVIDIA GPU skips the probe's build (it would fail there anyway) */
+  const bool old_nvidia = ctx->info.cc_major > 0 && ctx->info.cc_major < 8;
+  if (want == 0 || (want < 0 && (ctx->info.vendor_id != VENDOR_NVIDIA || old_nvidia))) {
     *mode = MMA_OFF;
     return CLNSA_SUCCESS;
   }
