@@ -119,8 +119,13 @@ inline float mma_elem(uint w, int upper) {
 #endif
 }
 
-inline void mma_16816(float *c, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1,
-                      __local uint *x) {
+/* One emulated mma: every lane leaves its fragment words in x, then computes its four C
+ * elements from everyone's. TF32 = 0: m16n8k16 with two 16-bit elements per word, column
+ * or row k in lane tig = (k % 8) / 2, register k / 8; TF32 = 1: m16n8k8 with one element
+ * per word (the hardware multiplies its upper 19 bits exactly), in lane tig = k % 4,
+ * register k / 4. Products by fma, sums in f32. */
+inline void mma_emulated(float *c, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1,
+                         __local uint *x, const int tf32) {
   const int lane = get_local_id(0) & 31, gid = lane >> 2, tig = lane & 3;
   __local uint *mine = x + 6 * lane;
   mine[0] = a0, mine[1] = a1, mine[2] = a2, mine[3] = a3, mine[4] = b0, mine[5] = b1;
@@ -128,35 +133,26 @@ inline void mma_16816(float *c, uint a0, uint a1, uint a2, uint a3, uint b0, uin
   for (int i = 0; i < 4; i++) {
     const int row = gid + 8 * (i >> 1), col = 2 * tig + (i & 1);
     float s = 0.0f;
-    for (int k = 0; k < 16; k++) {
-      const int kl = (k & 7) >> 1; /* tig of the lane that holds column/row k */
-      const uint aw = x[6 * ((row & 7) * 4 + kl) + (row >> 3) + 2 * (k >> 3)];
-      const uint bw = x[6 * (col * 4 + kl) + 4 + (k >> 3)];
-      s = fma(mma_elem(aw, k & 1), mma_elem(bw, k & 1), s);
+    for (int k = 0; k < (tf32 ? 8 : 16); k++) {
+      const int kl = tf32 ? k & 3 : (k & 7) >> 1, reg = tf32 ? k >> 2 : k >> 3;
+      const uint aw = x[6 * ((row & 7) * 4 + kl) + (row >> 3) + 2 * reg];
+      const uint bw = x[6 * (col * 4 + kl) + 4 + reg];
+      s = tf32 ? fma(as_float(aw & 0xffffe000u), as_float(bw & 0xffffe000u), s)
+               : fma(mma_elem(aw, k & 1), mma_elem(bw, k & 1), s);
     }
     c[i] += s;
   }
   barrier(CLK_LOCAL_MEM_FENCE);
 }
 
-/* The hardware multiplies the operands' upper 19 bits (tf32) exactly; a sum in f32. */
+inline void mma_16816(float *c, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1,
+                      __local uint *x) {
+  mma_emulated(c, a0, a1, a2, a3, b0, b1, x, 0);
+}
+
 inline void mma_1688_tf32(float *c, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1,
                           __local uint *x) {
-  const int lane = get_local_id(0) & 31, gid = lane >> 2, tig = lane & 3;
-  __local uint *mine = x + 6 * lane;
-  mine[0] = a0, mine[1] = a1, mine[2] = a2, mine[3] = a3, mine[4] = b0, mine[5] = b1;
-  barrier(CLK_LOCAL_MEM_FENCE);
-  for (int i = 0; i < 4; i++) {
-    const int row = gid + 8 * (i >> 1), col = 2 * tig + (i & 1);
-    float s = 0.0f;
-    for (int k = 0; k < 8; k++) { /* column/row k sits in lane tig = k % 4, register k / 4 */
-      const uint aw = x[6 * ((row & 7) * 4 + (k & 3)) + (row >> 3) + 2 * (k >> 2)];
-      const uint bw = x[6 * (col * 4 + (k & 3)) + 4 + (k >> 2)];
-      s = fma(as_float(aw & 0xffffe000u), as_float(bw & 0xffffe000u), s);
-    }
-    c[i] += s;
-  }
-  barrier(CLK_LOCAL_MEM_FENCE);
+  mma_emulated(c, a0, a1, a2, a3, b0, b1, x, 1);
 }
 
 /* cvt.rna.tf32.f32: add half a unit of the 13 dropped bits to the magnitude, truncate;
