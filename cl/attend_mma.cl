@@ -104,10 +104,13 @@
 #define NT (KT / 8)   /* 8-key column tiles of S */
 #define KSTEPS (KT / 16)
 #define OLD (DV + 4) /* row stride of the merge buffer (MODE 2) */
-/* Row strides of the staged K/V tiles in 16-byte units: 64 bytes of padding put the 8
- * rows a quarter-warp reads (lanes gid 0-1 x tig 0-3) in distinct banks. */
-#define KLD8 (DK / 8 + 4)
-#define VLD8 (DV / 8 + 4)
+/* Staged K/V tiles: row j of MMA_DT words at 16-byte unit j * ld. A quarter-warp reads
+ * units 4c + tig (tig 0-3) of rows 2i and 2i + 1; where rows span a multiple of 128 bytes
+ * (8 units) an odd row keeps its units at u ^ 4, so those 8 reads hit 8 distinct bank
+ * groups (other rows already alternate: DK is a multiple of 32, ld of 4). */
+#define KLD8 (DK / 8)
+#define VLD8 (DV / 8)
+#define SWZ(ld, j, u) ((j) * (ld) + ((ld) % 8 == 0 ? (u) ^ (((j) & 1) << 2) : (u)))
 
 #define U4(v, j) ((j) == 0 ? (v).x : (j) == 1 ? (v).y : (j) == 2 ? (v).z : (v).w)
 /* 8 elements (16 bytes) at element index i of a 16-bit tensor; i is a multiple of 8. */
@@ -245,18 +248,18 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
       const int j = i / (DK / 8), u = i - j * (DK / 8), kidx = k0 + j;
       const long at = TIDX(k, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h);
       const pairs8 w = LOAD8(K_DT, k, at + 8 * u, kidx < khi);
-      kst[j * KLD8 + u] = w.hi;
+      kst[SWZ(KLD8, j, u)] = w.hi;
 #if K_DT == 0
-      kst_lo[j * KLD8 + u] = w.lo;
+      kst_lo[SWZ(KLD8, j, u)] = w.lo;
 #endif
     }
     for (int i = lid; i < KT * (DV / 8); i += WG) {
       const int j = i / (DV / 8), u = i - j * (DV / 8), kidx = k0 + j;
       const long at = TIDX(v, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h);
       const pairs8 w = LOAD8(V_DT, v, at + 8 * u, kidx < khi);
-      vst[j * VLD8 + u] = w.hi;
+      vst[SWZ(VLD8, j, u)] = w.hi;
 #if V_LO
-      vst_lo[j * VLD8 + u] = w.lo;
+      vst_lo[SWZ(VLD8, j, u)] = w.lo;
 #endif
     }
     LBARRIER();
@@ -284,9 +287,9 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #if STAGE
 #pragma unroll
       for (int c = 0; c < DKC; c++) {
-        kw[c].hi = kst[(8 * nt + gid) * KLD8 + 4 * c + tig];
+        kw[c].hi = kst[SWZ(KLD8, 8 * nt + gid, 4 * c + tig)];
 #if K_DT == 0
-        kw[c].lo = kst_lo[(8 * nt + gid) * KLD8 + 4 * c + tig];
+        kw[c].lo = kst_lo[SWZ(KLD8, 8 * nt + gid, 4 * c + tig)];
 #endif
       }
 #else
@@ -359,11 +362,11 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
       for (int c = 0; c < DVC; c++) {
 #if STAGE
         pairs8 vl, vh;
-        vl.hi = vst[(16 * ks + gid) * VLD8 + 4 * c + tig];
-        vh.hi = vst[(16 * ks + 8 + gid) * VLD8 + 4 * c + tig];
+        vl.hi = vst[SWZ(VLD8, 16 * ks + gid, 4 * c + tig)];
+        vh.hi = vst[SWZ(VLD8, 16 * ks + 8 + gid, 4 * c + tig)];
 #if V_LO
-        vl.lo = vst_lo[(16 * ks + gid) * VLD8 + 4 * c + tig];
-        vh.lo = vst_lo[(16 * ks + 8 + gid) * VLD8 + 4 * c + tig];
+        vl.lo = vst_lo[SWZ(VLD8, 16 * ks + gid, 4 * c + tig)];
+        vh.lo = vst_lo[SWZ(VLD8, 16 * ks + 8 + gid, 4 * c + tig)];
 #endif
 #elif VEARLY
         const pairs8 vl = vlo[ks][c], vh = vhi[ks][c];

@@ -196,16 +196,16 @@ static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d
    * 8k): 32 keys 3.02 ms, 16 keys 2.15 ms, 16 keys with the tile's V loads issued before
    * S = Q K^T 2.08 ms (ptxas: 204 registers, no spills); the f32 split doubles the K/V
    * fragments, and early V would need 255 registers. Compressed and window stage each
-   * tile in local memory: 32 keys (16 with the split) keep it near 21 KiB. */
+   * tile in local memory: 32 keys (16 with the split) keep it near 16 KiB. */
   c->kt = tuning_env_int("MMA_KT", mode == MODE_SELECTED || split ? 16 : 32, 16);
   c->vearly = mode == MODE_SELECTED ? tuning_env_int("VEARLY", split ? 0 : 1, 0) : 0;
   size_t bytes = mma_rows_layout(mode, d, nw, c);
-  /* staged K/V tiles, rows padded by 64 bytes; f32 K kept as hi and lo, f32 V as hi alone
-   * unless V_SPLIT (cl/attend_mma.cl) */
+  /* staged K/V tiles (unpadded, swizzled rows); f32 K kept as hi and lo, f32 V as hi
+   * alone unless V_SPLIT (cl/attend_mma.cl) */
   if (mode != MODE_SELECTED) {
     const size_t kt = (size_t)c->kt;
-    bytes += 16 * kt * (size_t)(d->DK / 8 + 4) * (k32 ? 2 : 1);
-    bytes += 16 * kt * (size_t)(d->DV / 8 + 4) * (v32 && tuning_env_int("V_SPLIT", 0, 0) ? 2 : 1);
+    bytes += 2 * kt * (size_t)d->DK * (k32 ? 2 : 1);
+    bytes += 2 * kt * (size_t)d->DV * (v32 && tuning_env_int("V_SPLIT", 0, 0) ? 2 : 1);
   }
   if (emulate) bytes += 4 * 32 * 6;
   return c->kt % 16 == 0 && (size_t)c->wg <= ctx->info.max_wg &&

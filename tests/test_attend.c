@@ -518,6 +518,9 @@ static void test_attend_tensor_cores(void **state) {
        1},
       {"tc peaked", 1, 48, 48, 1, 4, 64, 64, 8, 5, {48}, 0, {0}, {0}, CLNSA_F16, 0, 3.0, 0.7f, 1},
       {"tc kv f32", 1, 75, 75, 1, 16, 64, 96, 8, 4, {20}, 0, {0}, {0}, CLNSA_BF16, KV_F32, 0, 0, 1},
+      /* 50 compressed keys: 4 key tiles through the two raw stages of the f32 path */
+      {"tc kv f32 tiles", 1, 200, 200, 1, 4, 128, 32, 4, 4, {0}, 0, {0}, {0}, CLNSA_BF16, KV_F32,
+       0, 0, 1},
       {"tc kv f32 G2",
        1,
        40,
