@@ -6,7 +6,9 @@
  *
  * Warps. A work-group is NW warps of 32. A warp computes a 16-row tile, S = Q K^T, with
  * mma.m16n8k16: 16 rows x 8 keys x 16 dims per instruction.
- *  - MODE 0/1: warp w owns rows 16w .. 16w+15 of the group's ROWS = 16 NW rows. The group
+ *  - MODE 0/1: warp w owns rows 16 MT w .. 16 MT (w + 1) - 1 of the group's ROWS = 16 NW MT
+ *    rows: MT m-tiles of 16 rows, which share each K/V fragment the warp reads (MT = 2
+ *    halves the local-memory reads per mma, and the tile loads per row). The group
  *    walks the union of its rows' keys; each K/V tile is staged in local memory once
  *    (coalesced 16-byte loads, f32 split there into bf16 hi/lo) and every warp reads its
  *    fragments from it (STAGE). Without the staging every warp fetched every tile itself:
@@ -67,6 +69,10 @@
 #define V_SPLIT 0
 #endif
 #define V_LO (V_DT == 0 && V_SPLIT)
+#ifndef MT /* MODE 0/1: 16-row m-tiles per warp; 2 halves the staged-tile reads per mma */
+#define MT 1
+#endif
+#define RH (2 * MT) /* rows per lane: gid + 8 x */
 #ifndef STAGE /* 1: the group stages each K/V tile in local memory once for all its warps */
 #define STAGE (MODE != 2)
 #endif
@@ -86,8 +92,8 @@
 #if WG != 32 * NW || KT % 16 || DK % 32 || DV % 32
 #error "attend_mma.cl: WG = 32 NW, KT a multiple of 16, DK and DV multiples of 32"
 #endif
-#if (MODE == 2 && ROWS != 16) || (MODE != 2 && ROWS != 16 * NW)
-#error "attend_mma.cl: ROWS is 16 (MODE 2) or 16 NW (MODE 0/1)"
+#if (MODE == 2 && (ROWS != 16 || MT != 1)) || (MODE != 2 && ROWS != 16 * NW * MT)
+#error "attend_mma.cl: ROWS is 16 (MODE 2) or 16 NW MT (MODE 0/1)"
 #endif
 #if (K_DT != MMA_DT && (K_DT != 0 || MMA_DT != 2)) || (V_DT != MMA_DT && (V_DT != 0 || MMA_DT != 2))
 #error "attend_mma.cl: k and v are MMA_DT, or f32 (split into two bf16 terms) with bf16 q"
@@ -206,10 +212,10 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #endif
   LBARRIER();
 
-  /* This lane's two rows, and the keys its warp walks: [klo, khi), tiles of KT. */
-  const int rbase = MODE == 2 ? 0 : 16 * warp;
-  int tok[2], hq[2], lo[2], hi[2];
-  for (int rh = 0; rh < 2; rh++) {
+  /* This lane's RH rows, and the keys its warp walks: [klo, khi), tiles of KT. */
+  const int rbase = MODE == 2 ? 0 : 16 * MT * warp;
+  int tok[RH], hq[RH], lo[RH], hi[RH];
+  for (int rh = 0; rh < RH; rh++) {
     const int r = rbase + gid + 8 * rh;
     tok[rh] = rows.tok[r], hq[rh] = rows.hq[r], lo[rh] = rows.lo[r], hi[rh] = rows.hi[r];
   }
@@ -219,7 +225,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   const int khi = grp.hi, kfirst = grp.lo, kstep = KT; /* uniform over the group */
 #else
   int klo = grp.hi, khi = grp.lo;
-  for (int r = rbase; r < rbase + 16; r++) {
+  for (int r = rbase; r < rbase + 16 * MT; r++) {
     if (rows.tok[r] < 0) continue;
     klo = min(klo, rows.lo[r]);
     khi = max(khi, rows.hi[r]);
@@ -227,19 +233,25 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   const int kfirst = klo, kstep = KT;
 #endif
 
-  uint4 qf[DKC][2];
+  uint4 qf[DKC][RH];
 #pragma unroll
   for (int c = 0; c < DKC; c++) {
 #pragma unroll
-    for (int rh = 0; rh < 2; rh++)
+    for (int rh = 0; rh < RH; rh++)
       qf[c][rh] = tok[rh] >= 0 ? LD8(q, TIDX(q, grp.b, tok[rh], hq[rh]) + 32 * c + 8 * tig)
                                : (uint4)(0u);
   }
   const float sl2 = scale * M_LOG2E_F;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float acc[DVC * 4][4];
+  float m[RH], l[RH];
 #pragma unroll
-  for (int n = 0; n < DVC * 4; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+  for (int rh = 0; rh < RH; rh++) m[rh] = -INFINITY, l[rh] = 0.0f;
+  float acc[MT][DVC * 4][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+    for (int n = 0; n < DVC * 4; n++)
+      acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.0f;
+  }
 
   for (int k0 = kfirst; k0 < khi; k0 += kstep) {
 #if STAGE
@@ -280,52 +292,62 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     }
 #endif
     /* S = Q K^T for keys k0 .. k0 + KT - 1 */
-    float s[NT][4];
+    float s[MT][NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
-      pairs8 kw[DKC];
-#if STAGE
-#pragma unroll
-      for (int c = 0; c < DKC; c++) {
-        kw[c].hi = kst[SWZ(KLD8, 8 * nt + gid, 4 * c + tig)];
-#if K_DT == 0
-        kw[c].lo = kst_lo[SWZ(KLD8, 8 * nt + gid, 4 * c + tig)];
-#endif
-      }
-#else
+#if !STAGE /* a tile's K words loaded together: more loads in flight */
       const int kidx = k0 + 8 * nt + gid;
       const long at = TIDX(k, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h) + 8 * tig;
+      pairs8 kwa[DKC];
 #pragma unroll
-      for (int c = 0; c < DKC; c++) kw[c] = LOAD8(K_DT, k, at + 32 * c, kidx < khi);
+      for (int c = 0; c < DKC; c++) kwa[c] = LOAD8(K_DT, k, at + 32 * c, kidx < khi);
 #endif
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
 #pragma unroll
       for (int c = 0; c < DKC; c++) {
-        const uint4 a = qf[c][0], b = qf[c][1], w = kw[c].hi;
-        mma_16816(s[nt], a.x, b.x, a.y, b.y, w.x, w.y, wx);
-        mma_16816(s[nt], a.z, b.z, a.w, b.w, w.z, w.w, wx);
+#if STAGE /* a chunk's words at a time: with MT = 2 the registers are short */
+        pairs8 kw;
+        kw.hi = kst[SWZ(KLD8, 8 * nt + gid, 4 * c + tig)];
 #if K_DT == 0
-        const uint4 e = kw[c].lo;
-        mma_16816(s[nt], a.x, b.x, a.y, b.y, e.x, e.y, wx);
-        mma_16816(s[nt], a.z, b.z, a.w, b.w, e.z, e.w, wx);
+        kw.lo = kst_lo[SWZ(KLD8, 8 * nt + gid, 4 * c + tig)];
 #endif
+#else
+        const pairs8 kw = kwa[c];
+#endif
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+          float *st = s[mt][nt];
+          const uint4 a = qf[c][2 * mt], b = qf[c][2 * mt + 1], w = kw.hi;
+          mma_16816(st, a.x, b.x, a.y, b.y, w.x, w.y, wx);
+          mma_16816(st, a.z, b.z, a.w, b.w, w.z, w.w, wx);
+#if K_DT == 0
+          const uint4 e = kw.lo;
+          mma_16816(st, a.x, b.x, a.y, b.y, e.x, e.y, wx);
+          mma_16816(st, a.z, b.z, a.w, b.w, e.z, e.w, wx);
+#endif
+        }
       }
     }
     /* mask, scale, row maxima over the tile */
-    float mx[2] = {-INFINITY, -INFINITY};
+    float mx[RH], alpha[RH];
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
+    for (int rh = 0; rh < RH; rh++) mx[rh] = -INFINITY;
 #pragma unroll
-      for (int i = 0; i < 4; i++) {
-        const int rh = i >> 1, kidx = k0 + 8 * nt + 2 * tig + (i & 1);
-        const bool in = key_visible(kidx, khi, lo[rh], hi[rh], list, msk);
-        s[nt][i] = in ? s[nt][i] * sl2 : -INFINITY;
-        mx[rh] = fmax(mx[rh], s[nt][i]);
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          const int rh = 2 * mt + (i >> 1), kidx = k0 + 8 * nt + 2 * tig + (i & 1);
+          const bool in = key_visible(kidx, khi, lo[rh], hi[rh], list, msk);
+          s[mt][nt][i] = in ? s[mt][nt][i] * sl2 : -INFINITY;
+          mx[rh] = fmax(mx[rh], s[mt][nt][i]);
+        }
       }
     }
-    float alpha[2];
 #pragma unroll
-    for (int rh = 0; rh < 2; rh++) {
+    for (int rh = 0; rh < RH; rh++) {
       mx[rh] = fmax(mx[rh], shfl_xor(mx[rh], 1, wx));
       mx[rh] = fmax(mx[rh], shfl_xor(mx[rh], 2, wx));
       const float mn = fmax(m[rh], mx[rh]);
@@ -334,25 +356,33 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
       l[rh] *= alpha[rh];
     }
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
+    for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-      for (int i = 0; i < 4; i++) {
-        const int rh = i >> 1;
-        s[nt][i] = m[rh] == -INFINITY ? 0.0f : exp2(s[nt][i] - m[rh]);
-        l[rh] += s[nt][i];
+      for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          const int rh = 2 * mt + (i >> 1);
+          s[mt][nt][i] = m[rh] == -INFINITY ? 0.0f : exp2(s[mt][nt][i] - m[rh]);
+          l[rh] += s[mt][nt][i];
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < DVC * 4; n++) {
+        acc[mt][n][0] *= alpha[2 * mt], acc[mt][n][1] *= alpha[2 * mt];
+        acc[mt][n][2] *= alpha[2 * mt + 1], acc[mt][n][3] *= alpha[2 * mt + 1];
       }
     }
-#pragma unroll
-    for (int n = 0; n < DVC * 4; n++) {
-      acc[n][0] *= alpha[0], acc[n][1] *= alpha[0];
-      acc[n][2] *= alpha[1], acc[n][3] *= alpha[1];
-    }
-    /* O += P V, 16 keys per step */
+    /* O += P V, 16 keys per step; each V fragment serves the warp's MT m-tiles */
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ks++) {
-      const uint a0 = pack2(s[2 * ks][0], s[2 * ks][1]), a1 = pack2(s[2 * ks][2], s[2 * ks][3]);
-      const uint a2 = pack2(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-      const uint a3 = pack2(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+      uint a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++) {
+        a[mt][0] = pack2(s[mt][2 * ks][0], s[mt][2 * ks][1]);
+        a[mt][1] = pack2(s[mt][2 * ks][2], s[mt][2 * ks][3]);
+        a[mt][2] = pack2(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
+        a[mt][3] = pack2(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
+      }
 #if !VEARLY && !STAGE
       const int klo8 = k0 + 16 * ks + gid, khi8 = klo8 + 8;
       const long atl = TIDX(v, grp.b, key_row(min(klo8, khi - 1), grp.krow0, list), h) + 8 * tig;
@@ -376,18 +406,22 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #endif
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-          mma_16816(acc[4 * c + j], a0, a1, a2, a3, movmatrix_t(U4(vl.hi, j), wx),
-                    movmatrix_t(U4(vh.hi, j), wx), wx);
+          const uint b0 = movmatrix_t(U4(vl.hi, j), wx), b1 = movmatrix_t(U4(vh.hi, j), wx);
+#pragma unroll
+          for (int mt = 0; mt < MT; mt++)
+            mma_16816(acc[mt][4 * c + j], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1, wx);
 #if V_LO
-          mma_16816(acc[4 * c + j], a0, a1, a2, a3, movmatrix_t(U4(vl.lo, j), wx),
-                    movmatrix_t(U4(vh.lo, j), wx), wx);
+          const uint e0 = movmatrix_t(U4(vl.lo, j), wx), e1 = movmatrix_t(U4(vh.lo, j), wx);
+#pragma unroll
+          for (int mt = 0; mt < MT; mt++)
+            mma_16816(acc[mt][4 * c + j], a[mt][0], a[mt][1], a[mt][2], a[mt][3], e0, e1, wx);
 #endif
         }
       }
     }
   }
 #pragma unroll
-  for (int rh = 0; rh < 2; rh++) {
+  for (int rh = 0; rh < RH; rh++) {
     l[rh] += shfl_xor(l[rh], 1, wx);
     l[rh] += shfl_xor(l[rh], 2, wx);
   }
@@ -414,7 +448,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #pragma unroll
       for (int i = 0; i < 4; i++) {
         const int r = gid + 8 * (i >> 1), d = 32 * c + 8 * tig + 2 * j + (i & 1);
-        part_o[(warp * 16 + r) * OLD + d] = acc[4 * c + j][i] * wgt[i >> 1];
+        part_o[(warp * 16 + r) * OLD + d] = acc[0][4 * c + j][i] * wgt[i >> 1];
       }
     }
   }
@@ -439,7 +473,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 
 #else /* MODE 0/1: each warp writes its own rows */
 #pragma unroll
-  for (int rh = 0; rh < 2; rh++) {
+  for (int rh = 0; rh < RH; rh++) {
     if (tok[rh] < 0) continue;
     const float inv = l[rh] > 0.0f ? 1.0f / l[rh] : 0.0f;
     const long base = TIDX(o, grp.b, tok[rh], hq[rh]);
@@ -447,8 +481,9 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     for (int c = 0; c < DVC; c++) {
 #pragma unroll
       for (int j = 0; j < 4; j++) {
-        STORE(O_DT, o, base + 32 * c + 8 * tig + 2 * j, acc[4 * c + j][2 * rh] * inv);
-        STORE(O_DT, o, base + 32 * c + 8 * tig + 2 * j + 1, acc[4 * c + j][2 * rh + 1] * inv);
+        const float *e = acc[rh >> 1][4 * c + j] + 2 * (rh & 1);
+        STORE(O_DT, o, base + 32 * c + 8 * tig + 2 * j, e[0] * inv);
+        STORE(O_DT, o, base + 32 * c + 8 * tig + 2 * j + 1, e[1] * inv);
       }
     }
 #if HAS_LSE

@@ -16,6 +16,7 @@ typedef struct attend_config {
   int rows, kt, wg, kw, dw;
   int tpg, ucap; /* selected branch: query tokens per group, capacity of their block union */
   int vearly;    /* tensor-core kernel: V loads issued with K loads */
+  int mt;        /* tensor-core kernel, compressed and window: 16-row m-tiles per warp */
 } attend_config;
 
 static int pow2_floor(long x) {
@@ -162,12 +163,12 @@ static bool attend_mma_fits(const nsa_dims *d, const clnsa_tensor *q, const clns
 /* Rows, token packing and the local bytes other than staged K/V tiles, shared by the
  * tensor-core kernels (cl/attend_mma.cl, cl/attend_tf32.cl): the selected branch takes 16
  * rows per group (16/G tokens packed when G < 16, the union of their block lists in local
- * memory) and merges its nw warps' partial states; compressed and window take 16 rows a
- * warp. */
-static size_t mma_rows_layout(int mode, const nsa_dims *d, int nw, attend_config *c) {
+ * memory) and merges its nw warps' partial states; compressed and window take 16 mt rows
+ * a warp. */
+static size_t mma_rows_layout(int mode, const nsa_dims *d, int nw, int mt, attend_config *c) {
   c->kw = c->dw = 0;
   c->tpg = 1, c->ucap = 0;
-  c->rows = mode == MODE_SELECTED ? 16 : 16 * nw;
+  c->rows = mode == MODE_SELECTED ? 16 : 16 * nw * mt;
   if (mode == MODE_SELECTED && d->G < 16) {
     int tpg = 16 / d->G, cap = ATTEND_UNION_MAX / (d->S > 0 ? d->S : 1);
     tpg = tpg > cap ? cap : tpg;
@@ -189,17 +190,23 @@ static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d
                                  bool k32, bool v32, attend_config *c) {
   const bool split = k32 || v32;
   /* warps per group: MMA_NW for the selected branch (they split one token's keys),
-   * MMA_NWD for compressed and window (each owns 16 rows; they share the staged tiles) */
+   * MMA_NWD for compressed and window (each owns 16 MT rows; they share the staged tiles) */
   const int nw = emulate ? 1 : tuning_env_int(mode == MODE_SELECTED ? "MMA_NW" : "MMA_NWD", 4, 1);
   c->wg = 32 * nw;
   /* Selected branch: keys per step and early V loads, from H200 runs (bf16, D=128, G=16,
    * 8k): 32 keys 3.02 ms, 16 keys 2.15 ms, 16 keys with the tile's V loads issued before
    * S = Q K^T 2.08 ms (ptxas: 204 registers, no spills); the f32 split doubles the K/V
    * fragments, and early V would need 255 registers. Compressed and window stage each
-   * tile in local memory: 32 keys (16 with the split) keep it near 16 KiB. */
-  c->kt = tuning_env_int("MMA_KT", mode == MODE_SELECTED || split ? 16 : 32, 16);
+   * tile in local memory for the group. The compressed branch gives each warp two 16-row
+   * m-tiles (MT) that share every staged fragment it reads, with 32 keys a step: on the
+   * H100 (bf16, f32 k_cmp, D=128, G=16) 0.346 / 10.3 ms at 8k / 64k against 0.438 / 12.9
+   * with one m-tile and 16 keys (MT=2 with 16 keys: 0.340 / 11.1). The window branch
+   * keeps one m-tile (no change on the dense 8k run) and 32 keys (16 with the split). */
+  c->mt = mode == MODE_SELECTED ? 1 : tuning_env_int("MMA_MT", mode == MODE_COMPRESSED ? 2 : 1, 1);
+  const int keys = mode == MODE_SELECTED || (split && c->mt == 1) ? 16 : 32;
+  c->kt = tuning_env_int("MMA_KT", keys, 16);
   c->vearly = mode == MODE_SELECTED ? tuning_env_int("VEARLY", split ? 0 : 1, 0) : 0;
-  size_t bytes = mma_rows_layout(mode, d, nw, c);
+  size_t bytes = mma_rows_layout(mode, d, nw, c->mt, c);
   /* staged K/V tiles (unpadded, swizzled rows); f32 K kept as hi and lo, f32 V as hi
    * alone unless V_SPLIT (cl/attend_mma.cl) */
   if (mode != MODE_SELECTED) {
@@ -208,7 +215,7 @@ static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d
     bytes += 2 * kt * (size_t)d->DV * (v32 && tuning_env_int("V_SPLIT", 0, 0) ? 2 : 1);
   }
   if (emulate) bytes += 4 * 32 * 6;
-  return c->kt % 16 == 0 && (size_t)c->wg <= ctx->info.max_wg &&
+  return c->kt % 16 == 0 && (c->mt == 1 || c->mt == 2) && (size_t)c->wg <= ctx->info.max_wg &&
          bytes + 1024 <= (size_t)ctx->info.local_mem;
 }
 
@@ -233,7 +240,7 @@ static bool attend_tf32_configure(clnsa_context *ctx, int mode, const nsa_dims *
    * fragments); compressed and window: 32 keys staged for all warps, 35 KiB at D = 128. */
   c->kt = tuning_env_int("MMA_KT", mode == MODE_SELECTED ? 16 : 32, 8);
   c->vearly = 0;
-  size_t bytes = mma_rows_layout(mode, d, nw, c);
+  size_t bytes = mma_rows_layout(mode, d, nw, 1, c);
   if (mode != MODE_SELECTED) { /* staged K and V tiles, rows padded as in cl/attend_tf32.cl */
     bytes += 4 * (size_t)c->kt * (size_t)(d->DK + 16 - d->DK % 32 + d->DV + 4);
   }
@@ -270,8 +277,8 @@ static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims 
     file = "warp_ops.cl+attend_setup.cl+attend_mma.cl", name = "attend_mma_fwd";
     options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DNW=%d", mode, d->DK,
                 d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.wg / 32);
-    options_add(&opt, " -DMMA_DT=%d -DWARP_EMULATE=%d -DHAS_LSE=%d -DVEARLY=%d", (int)q->dtype,
-                mma == MMA_EMULATED, lse ? 1 : 0, cfg.vearly);
+    options_add(&opt, " -DMMA_DT=%d -DWARP_EMULATE=%d -DHAS_LSE=%d -DVEARLY=%d -DMT=%d",
+                (int)q->dtype, mma == MMA_EMULATED, lse ? 1 : 0, cfg.vearly, cfg.mt);
   } else {
     /* the portable kernel; tuning_attend sizes its f32 local tiles */
     CHECK_STATUS(attend_configure(ctx, mode, d, &cfg));
