@@ -3,9 +3,13 @@
  * f16 or bf16, k_cmp in q's type or f32 (with bf16 q, split into two bf16 terms as in
  * cl/attend_mma.cl).
  *
- * A warp owns TPW = 16 / G consecutive query tokens of one sequence: its 16 rows (token
- * u, head g at row u G + g) are one mma tile. It streams the candidate blocks in steps of
- * KT: S = Q K_cmp^T on the tensor cores (fragments loaded straight from global memory in
+ * A warp owns TPW consecutive query tokens of one sequence, TPW a power of two up to
+ * 16 / G: its 16 rows (token u, head g at row u G + g) are one mma tile. The host lowers
+ * TPW below 16 / G where local memory cannot hold NW x TPW x CAP importances (G = 1 at
+ * T = 65536: 16 x 1024 floats are 64 KiB, NVIDIA gives 48); the rows from TPW G on are
+ * then idle, treated like rows past the end of the sequence (zero q fragments, nothing
+ * stored, no selection). The warp streams the candidate blocks in steps of KT:
+ * S = Q K_cmp^T on the tensor cores (fragments loaded straight from global memory in
  * the permuted order cl/attend_mma.cl explains), p = exp2(s scale log2 e - lse log2 e)
  * for the blocks a row may pick (1 .. IC-2 of its token; IC, IC-1 and 0 are forced), and
  * the G rows of each token summed by butterfly shuffles over the lanes that hold them.
@@ -25,6 +29,9 @@
 #endif
 #ifndef GQ
 #define GQ 16 /* query heads per kv head: 1, 2, 4, 8 or 16 */
+#endif
+#ifndef TPW
+#define TPW (16 / GQ) /* query tokens per warp: a power of two, TPW GQ <= 16 */
 #endif
 #ifndef KT
 #define KT 32 /* candidates per step, a multiple of 16 */
@@ -47,6 +54,9 @@
 #if GQ != 1 && GQ != 2 && GQ != 4 && GQ != 8 && GQ != 16
 #error "topk_mma.cl: GQ must be 1, 2, 4, 8 or 16"
 #endif
+#if TPW < 1 || TPW * GQ > 16 || (TPW & (TPW - 1))
+#error "topk_mma.cl: TPW must be a power of two with TPW GQ <= 16"
+#endif
 #if WG != 32 * NW || KT % 16 || DK % 32
 #error "topk_mma.cl: WG = 32 NW, KT a multiple of 16, DK a multiple of 32"
 #endif
@@ -57,7 +67,6 @@
 #error "topk_mma.cl: the warp emulation runs one warp per group"
 #endif
 
-#define TPW (16 / GQ) /* tokens per warp */
 #define KLD8 (DK / 8 + 4) /* staged row stride in 16-byte units: 64 bytes of bank padding */
 #define DKC (DK / 32)
 #define NT (KT / 8)
@@ -103,9 +112,11 @@ typedef struct topk_token {
   int row, ic, n, forced;
 } topk_token;
 
-inline topk_token token_facts(attend_seq sq, int t, int h, CITENSOR(bc), int has_counts, int S) {
+/* live: the row holds one of the warp's tokens (false for the idle rows from TPW G on). */
+inline topk_token token_facts(attend_seq sq, bool live, int t, int h, CITENSOR(bc), int has_counts,
+                              int S) {
   topk_token k;
-  k.valid = t < sq.tq;
+  k.valid = live && t < sq.tq;
   k.row = sq.q0 + min(t, max(sq.tq - 1, 0));
   const int p = t + sq.tk - sq.tq;
   k.ic = k.valid ? p / BS : 0;
@@ -137,14 +148,16 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
   __local float *imp = imp_l + warp * TPW * CAP;
   __local int *chosen = chosen_l + warp * SMAX;
 
-  /* This lane's rows gid and gid + 8: their tokens, q fragments, lse in log2 units. */
+  /* This lane's rows gid and gid + 8: their tokens, q fragments, lse in log2 units. Rows
+   * from TPW GQ on are idle (with TPW GQ <= 8, every row gid + 8). */
   topk_token tk[2];
   float lse2[2];
   uint4 qf[DKC][2];
 #pragma unroll
   for (int rh = 0; rh < 2; rh++) {
     const int r = gid + 8 * rh, g = r % GQ;
-    tk[rh] = token_facts(sq, tok0 + r / GQ, h, TPASS(bc), has_counts, S);
+    const bool live = r < TPW * GQ;
+    tk[rh] = token_facts(sq, live, tok0 + r / GQ, h, TPASS(bc), has_counts, S);
     const long qrow = TIDX(q, sq.b, tk[rh].row, h * GQ + g);
     lse2[rh] = tk[rh].valid ? lse[TIDX(lse, sq.b, tk[rh].row, h * GQ + g)] * M_LOG2E_F : 0.0f;
 #pragma unroll
@@ -155,7 +168,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
    * competes (forced < n < IC + 1). */
   int c_hi = 0;
   for (int u = 0; u < TPW; u++) {
-    const topk_token k = token_facts(sq, tok0 + u, h, TPASS(bc), has_counts, S);
+    const topk_token k = token_facts(sq, true, tok0 + u, h, TPASS(bc), has_counts, S);
     if (k.valid && k.n > k.forced && k.n < k.ic + 1) c_hi = max(c_hi, k.ic - 1);
   }
 
@@ -236,7 +249,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
 
   /* Selection, one token at a time (uniform over the warp). */
   for (int u = 0; u < TPW; u++) {
-    const topk_token k = token_facts(sq, tok0 + u, h, TPASS(bc), has_counts, S);
+    const topk_token k = token_facts(sq, true, tok0 + u, h, TPASS(bc), has_counts, S);
     if (!k.valid) continue;
     __global int *out = bi + TIDX(bi, sq.b, k.row, h);
     if (k.n == k.ic + 1) { /* every block is kept */

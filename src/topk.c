@@ -77,58 +77,84 @@ static clnsa_status topk_tune(clnsa_context *ctx, int dk, int g, topk_tuning *t)
   return CLNSA_SUCCESS;
 }
 
+/* Shape of the tensor-core top-k (cl/topk_mma.cl): warps per group, query tokens per warp,
+ * candidates per step, candidate slots per token. */
+typedef struct topk_mma_shape {
+  int nw, tpw, kt, cap;
+} topk_mma_shape;
+
+/* Local memory of cl/topk_mma.cl, mirroring its __local arrays: per warp TPW tokens x CAP
+ * importances and a selection list, the staged k_cmp tile (rows padded by 64 bytes; f32
+ * kept as hi and lo), the emulation's scratch, and 1 KiB of slack. */
+static size_t topk_mma_local_bytes(const nsa_dims *d, bool kc_f32, bool emulate,
+                                   const topk_mma_shape *m) {
+  const size_t stage = 16 * (size_t)m->kt * (size_t)(d->DK / 8 + 4) * (kc_f32 ? 2 : 1);
+  return 4 * ((size_t)m->nw * (size_t)m->tpw * (size_t)m->cap + (size_t)m->nw * TOPK_LIST_MAX) +
+         4 * (size_t)m->nw + stage + (emulate ? 4 * 32 * 6 : 0) + 1024;
+}
+
 /* Tensor-core top-k (cl/topk_mma.cl): q f16/bf16 with k_cmp of q's type (or f32 with
  * bf16 q), G a power of two up to 16 (a token's rows inside one 16-row tile), DK in
- * 32-wide chunks, 16-byte rows, and the importances of NW warps x 16/G tokens x every
- * candidate block in local memory (NW shrinks to fit). Returns the warps per group, or 0
+ * 32-wide chunks, 16-byte rows. Each warp keeps TPW tokens x CAP candidate blocks of
+ * importances in local memory, which long sequences outgrow (G = 1, T = 65536: 64 KiB per
+ * warp at TPW = 16, NVIDIA gives 48). The first shape that fits wins, trying TPW = 16 / G
+ * down to 1 (fewer tokens per warp leave mma rows idle, rather than leave the tensor
+ * cores for the portable kernel), for each KT = 32 then 16 (32: 99 registers with f32 k_cmp,
+ * tools/ptx_check.sh; 16 frees half the staged tile), for each NW = 4, 2, 1 (the emulation
+ * runs one warp per group). So full tiles at KT = 32 win wherever they fit; G = 1,
+ * T = 65536, DK = 128, f32 k_cmp in 48 KiB gets TPW = 8, KT = 16, NW = 1 (44548 bytes).
+ * CLNSA_TUNE's TOPK_KT fixes KT, TOPK_TPW caps TPW (tests, experiments). Returns false
  * where the portable kernel runs. */
-static int topk_mma_warps(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
-                          const clnsa_tensor *k_cmp, bool emulate, int kt, int *cap) {
+static bool topk_mma_shape_for(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
+                               const clnsa_tensor *k_cmp, bool emulate, topk_mma_shape *m) {
   const clnsa_dtype dt = q->dtype;
   const int G = d->G;
   if (!((dt == CLNSA_F16 || dt == CLNSA_BF16) &&
         (k_cmp->dtype == dt || (dt == CLNSA_BF16 && k_cmp->dtype == CLNSA_F32)) &&
         (G == 1 || G == 2 || G == 4 || G == 8 || G == 16) && d->DK % 32 == 0 && d->DK <= 256 &&
         tensor_rows_aligned16(q, d->DK) && tensor_rows_aligned16(k_cmp, d->DK)))
-    return 0;
+    return false;
   const int tk = d->seqs ? d->seqs->max_k : d->TK;
-  *cap = (tk + d->BS - 1) / d->BS;
-  if (*cap < 1) *cap = 1;
-  /* the staged k_cmp tile (rows padded by 64 bytes; f32 kept as hi and lo) */
-  const size_t stage =
-      16 * (size_t)kt * (size_t)(d->DK / 8 + 4) * (k_cmp->dtype == CLNSA_F32 ? 2 : 1);
-  for (int nw = emulate ? 1 : 4; nw >= 1; nw /= 2) {
-    const size_t bytes = 4 * ((size_t)nw * (16 / G) * (size_t)*cap + (size_t)nw * TOPK_LIST_MAX) +
-                         4 * (size_t)nw + stage + (emulate ? 4 * 32 * 6 : 0) + 1024;
-    if (bytes <= (size_t)ctx->info.local_mem && (size_t)(32 * nw) <= ctx->info.max_wg) return nw;
-  }
-  return 0;
+  m->cap = (tk + d->BS - 1) / d->BS;
+  if (m->cap < 1) m->cap = 1;
+  const int kt_fixed = tuning_env_int("TOPK_KT", 0, 16);
+  const int kts[2] = {kt_fixed ? kt_fixed : 32, 16}, nkt = kt_fixed ? 1 : 2;
+  const int tpw_cap = tuning_env_int("TOPK_TPW", 16, 1);
+  int tpw0 = 16 / G;
+  while (tpw0 > tpw_cap) tpw0 /= 2;
+  for (m->tpw = tpw0; m->tpw >= 1; m->tpw /= 2)
+    for (int i = 0; i < nkt; i++)
+      for (m->kt = kts[i], m->nw = emulate ? 1 : 4; m->nw >= 1; m->nw /= 2)
+        if (topk_mma_local_bytes(d, k_cmp->dtype == CLNSA_F32, emulate, m) <=
+                (size_t)ctx->info.local_mem &&
+            (size_t)(32 * m->nw) <= ctx->info.max_wg)
+          return true;
+  return false;
 }
 
 clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
                           const clnsa_tensor *k_cmp, const clnsa_tensor *lse_cmp,
                           const clnsa_tensor *block_counts, const clnsa_tensor *block_indices,
                           enqueue_chain *c) {
-  int mma = MMA_OFF, cap = 0, nw = 0;
-  /* 32 candidates per step: 99 registers and 39 KiB of local memory with f32 k_cmp at
-   * T = 65536 (tools/ptx_check.sh); 64 would need 58 KiB */
-  const int kt = tuning_env_int("TOPK_KT", 32, 16);
+  int mma = MMA_OFF;
   if (q->dtype != CLNSA_F32) CHECK_STATUS(mma_mode(ctx, &mma));
-  if (mma != MMA_OFF) nw = topk_mma_warps(ctx, d, q, k_cmp, mma == MMA_EMULATED, kt, &cap);
+  topk_mma_shape m = {0, 0, 0, 0};
+  const bool tensor_cores =
+      mma != MMA_OFF && topk_mma_shape_for(ctx, d, q, k_cmp, mma == MMA_EMULATED, &m);
   build_options o = {{0}, 0};
   size_t local[2] = {1, 1}, global[2] = {1, (size_t)d->H};
   const char *file = "topk.cl", *name = "topk_select";
   cl_int tiles = 0;
-  if (nw > 0) {
-    const int per = nw * (16 / d->G); /* tokens per group */
+  if (tensor_cores) {
+    const int per = m.nw * m.tpw; /* tokens per group */
     const size_t maxq = d->seqs ? (size_t)d->seqs->max_q : (size_t)d->TQ;
     const size_t nseg = d->seqs ? (size_t)d->seqs->n : (size_t)d->B;
     tiles = (cl_int)((maxq + (size_t)per - 1) / (size_t)per);
     file = "warp_ops.cl+attend_setup.cl+topk_mma.cl", name = "topk_mma_select";
-    options_add(&o, "-DDK=%d -DWG=%d -DNW=%d -DGQ=%d -DCAP=%d -DBS=%d -DKT=%d -DMMA_DT=%d", d->DK,
-                32 * nw, nw, d->G, cap, d->BS, kt, (int)q->dtype);
+    options_add(&o, "-DDK=%d -DWG=%d -DNW=%d -DGQ=%d -DTPW=%d -DCAP=%d -DBS=%d -DKT=%d -DMMA_DT=%d",
+                d->DK, 32 * m.nw, m.nw, d->G, m.tpw, m.cap, d->BS, m.kt, (int)q->dtype);
     options_add(&o, " -DWARP_EMULATE=%d", mma == MMA_EMULATED);
-    local[0] = (size_t)(32 * nw);
+    local[0] = (size_t)(32 * m.nw);
     global[0] = nseg * (size_t)tiles * local[0];
   } else {
     topk_tuning t;
@@ -155,7 +181,7 @@ clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
   for (int i = 0; i < 4; i++) err |= clSetKernelArg(kern, arg++, sizeof(cl_int), &ints[i]);
   err |= clSetKernelArg(kern, arg++, sizeof scale, &scale);
   err |= dims_set_seq_args(kern, &arg, d);
-  if (nw > 0) err |= clSetKernelArg(kern, arg++, sizeof tiles, &tiles);
+  if (tensor_cores) err |= clSetKernelArg(kern, arg++, sizeof tiles, &tiles);
   if (err != CL_SUCCESS) return clnsa_cl_fail(ctx, err, "clSetKernelArg(top-k)");
   return chain_launch(ctx, c, kern, 2, global, local);
 }

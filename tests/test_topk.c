@@ -300,6 +300,67 @@ static void test_topk_tensor_cores(void **state) {
   printf("# topk tensor cores: %d near-tie swaps accepted in all\n", ties);
 }
 
+/* CLNSA_TUNE as it was before a test extended it (restored by restore_tune, also after a
+ * failed assertion). */
+static char saved_tune[512];
+static bool tune_was_set;
+
+static void extend_tune(const char *extra) {
+  const char *old = getenv("CLNSA_TUNE");
+  tune_was_set = old != NULL;
+  snprintf(saved_tune, sizeof saved_tune, "%s", old ? old : "");
+  char tune[600];
+  snprintf(tune, sizeof tune, "%s%s%s", saved_tune, *saved_tune ? "," : "", extra);
+  setenv("CLNSA_TUNE", tune, 1);
+}
+
+static int restore_tune(void **state) {
+  (void)state;
+  if (tune_was_set)
+    setenv("CLNSA_TUNE", saved_tune, 1);
+  else
+    unsetenv("CLNSA_TUNE");
+  tune_was_set = false;
+  return 0;
+}
+
+/* The tensor-core top-k with fewer tokens per warp than 16 / G (what the host picks when
+ * TPW x CAP importances per warp outgrow local memory, e.g. G = 1 at T = 65536), forced
+ * through CLNSA_TUNE=TOPK_TPW: the warp's rows from TPW G on are idle, and tokens advance
+ * by TPW per warp. Many groups, own blocks well above S (candidates compete), and idle rows
+ * both inside the first 8 rows (G = 1, TPW = 4) and as the whole second half (G = 4,
+ * TPW = 2). Only where the tensor-core path is on (elsewhere TOPK_TPW changes nothing). */
+static void test_topk_tensor_cores_tpw(void **state) {
+  (void)state;
+  if (clnsa_context_tensor_cores(ctx) == CLNSA_MMA_NONE) {
+    printf("# topk TPW: no tensor-core path, nothing to test\n");
+    return;
+  }
+  rng r = {harness_seed("topk tensor cores TPW")};
+  // clang-format off
+  const char *tunes[] = {"TOPK_TPW=4", "TOPK_TPW=2", "TOPK_TPW=2"};
+  const topk_case cases[] = {
+      /* G = 1, TPW = 4 of 16: 38 groups per head, own blocks up to 37 with S = 6 */
+      {1, 150, 0, 2, 2, 32, 4, 6, 0, {0}, {0}, false, false, BF16, F32, false},
+      /* G = 4, TPW = 2 of 4: rows 8..15 idle; counts */
+      {1, 90, 0, 8, 2, 64, 4, 5, 0, {0}, {0}, true, false, BF16, BF16, false},
+      /* varlen: an empty, a length-1 and a TQ_s < TK_s sequence, the last warp of each
+       * running past its end; the build of the case before (same G, TPW, DK, CAP = 23 and
+       * dtypes), as kernel builds take most of this test's time on PoCL */
+      {1, 95, 130, 8, 2, 64, 4, 4, 4, {0, 33, 33, 34, 95}, {0, 33, 40, 41, 130}, false, false,
+       BF16, BF16, false},
+  };
+  // clang-format on
+  int ties = 0;
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    printf("# CLNSA_TUNE += %s\n", tunes[i]);
+    extend_tune(tunes[i]);
+    run_case(&cases[i], &r, &ties);
+    restore_tune(NULL);
+  }
+  printf("# topk tensor cores TPW: %d near-tie swaps accepted in all\n", ties);
+}
+
 /* Invalid arguments are refused before anything is enqueued: the output keeps its poison. */
 static void test_topk_errors(void **state) {
   (void)state;
@@ -346,14 +407,17 @@ static void test_topk_errors(void **state) {
 int main(int argc, char **argv) {
   ctx = harness_context();
   if (harness_tensor_cores_mode(ctx, argc, argv)) {
-    const struct CMUnitTest only[] = {cmocka_unit_test(test_topk_tensor_cores)};
+    const struct CMUnitTest only[] = {
+        cmocka_unit_test(test_topk_tensor_cores),
+        cmocka_unit_test_teardown(test_topk_tensor_cores_tpw, restore_tune)};
     int rc = cmocka_run_group_tests(only, NULL, NULL);
     clnsa_context_destroy(ctx);
     return rc;
   }
-  const struct CMUnitTest tests[] = {cmocka_unit_test(test_topk_sweep),
-                                     cmocka_unit_test(test_topk_tensor_cores),
-                                     cmocka_unit_test(test_topk_errors)};
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_topk_sweep), cmocka_unit_test(test_topk_tensor_cores),
+      cmocka_unit_test_teardown(test_topk_tensor_cores_tpw, restore_tune),
+      cmocka_unit_test(test_topk_errors)};
   int rc = cmocka_run_group_tests(tests, NULL, NULL);
   clnsa_context_destroy(ctx);
   return rc;
