@@ -27,11 +27,19 @@
  *    walks the chunk's rows from its first block's last token on, 16 per step, in
  *    increasing order: S^T = Kc Q^T and dP^T = Vc do^T, then dv += (g P)^T do and dk +=
  *    dS^T Q (dkdv_step). The blocks' hi and lo A fragments wait in local memory (each lane
- *    its own 2 KV_SLOTS slots, no synchronisation). One writer per block row, fixed
- *    order: deterministic. ptxas: 255 registers, ~140 bytes of spill at DK = DV = 128
- *    (CKV_NW = 2, 32 KiB of local memory).
+ *    its own KV_ALL slots, in mma register order, no synchronisation). Each step's 16 rows
+ *    (q and do, RLD8-padded) wait there too, in two stages per warp: the next step's rows
+ *    arrive by cp.async (and their lse, delta and gate by plain loads kept in registers
+ *    for a step) while this step computes, since a step fed straight from global memory
+ *    waited on L2 latency with nothing to hide it (2 warps per scheduler; H100, T = 65536:
+ *    54.6 -> 25.7 ms). The warp owns its stages, so warp_sync suffices; rows past the
+ *    walk copy its last row (lim = 0 masks them). One writer per block row, fixed order:
+ *    deterministic. At DK = DV = 128: 30.5 KiB of local memory a warp (12 KiB fragments,
+ *    18.5 KiB stages), so CKV_NW = 1 (NVIDIA's 48 KiB a group); ptxas
+ *    (tools/ptx_check.sh) takes 255 registers but needs about 190 (-maxrregcount 192:
+ *    same result), one word spilled outside the walk.
  * Masked pairs (block not yet complete at the row's token, row past the walk) get P = dS
- * = 0; loads past the end read zeros.
+ * = 0; loads past the end read zeros (dq) or a clamped row (dk/dv).
  *
  * Why not one dk/dv step shared with bwd_dkdv_selected_mma: a version of the selected
  * kernel rewritten onto dkdv_step passed the emulation but hung on an H100 (f16, DK = 64,
@@ -46,7 +54,7 @@
 #define CKT 16 /* bwd_dq_compressed_mma: blocks per staged tile, a multiple of 16 */
 #endif
 #ifndef CKV_NW
-#define CKV_NW 2 /* bwd_dkdv_compressed_mma: warps per group, 16 blocks each */
+#define CKV_NW 1 /* bwd_dkdv_compressed_mma: warps per group, 16 blocks each (30.5 KiB each) */
 #endif
 #ifndef CV_SPLIT /* 1: v_cmp enters as bf16 hi + lo like k_cmp; 0: as its bf16 term only */
 #define CV_SPLIT 0
@@ -111,73 +119,97 @@ inline float dscore(bool visible, float s, float dp, float sl2, float l2, float 
   return visible ? exp2(s * sl2 - l2) * (g * dp - dl) : 0.0f;
 }
 
-/* One row of a dk/dv step: element offsets of its q and do fragment words (lane's 8tig
- * included) and of its lse, its row in the gate/delta scratch, and the keys it sees: key
- * indices below lim (0 for a row past the walk). */
-typedef struct kv_row {
-  long qa, oa, la, rs;
-  int lim;
-} kv_row;
-
 /* The A fragments of a dk/dv warp's 16 keys wait in local memory, each lane its own slots
- * (no synchronisation): slot x of this lane is frag[x * stride]. Slots 2c + rh hold the hi
- * words of k chunk c of key gid + 8 rh, then 2 DKC + 2c + rh those of v; the lo words
- * follow in the same order from KV_SLOTS on (v's only with CV_SPLIT). */
+ * (no synchronisation): slot x of this lane is frag[x * stride], four words in the
+ * register order of mma_16816's A, so that one 16-byte read feeds one mma. Slots 2c and
+ * 2c + 1 hold the hi words of k chunk c (its dims in word pairs x, y, then z, w: see
+ * afrag_words), then 2 DKC + 2c, + 1 those of v; the lo words follow in the same order
+ * from KV_SLOTS on (v's only with CV_SPLIT). */
 #define KV_SLOTS (2 * (DKC + DVC))
 #define KV_ALL (KV_SLOTS + 2 * DKC + CV_SPLIT * 2 * DVC) /* slots a lane holds */
 
-/* dk (ak) and dv (av) of this warp's keys key0 + gid (+ 8) += the 16 rows of one step:
- * rb[nt] is row 8nt + gid (a B column), re[nt][x] row 8nt + 2tig + x (a C column). S^T =
- * K Q^T and dP^T = V do^T (A = the keys, B = q and do rows), then dv += (g P)^T do (B =
- * the do words kept from dP^T) and dk += dS^T Q (q rows loaded again, through movmatrix:
- * keeping them too costs registers). Masked pairs get P = dS = 0. */
+/* The A fragment words of keys gid (lo) and gid + 8 (hi) over one chunk (each lane's 16
+ * bytes of each key, as loaded for mma_dims) in mma_16816's register order: half 0 the
+ * dims of word pair x, y, half 1 those of z, w. */
+inline uint4 afrag_words(uint4 lo, uint4 hi, int w) {
+  return w ? (uint4)(lo.z, hi.z, lo.w, hi.w) : (uint4)(lo.x, hi.x, lo.y, hi.y);
+}
+
+/* mma_dims with the A words of afrag_words (a0: half 0, a1: half 1). */
+inline void mma_dims_a(float *acc, uint4 a0, uint4 a1, uint4 b, __local uint *wx) {
+  mma_16816(acc, a0.x, a0.y, a0.z, a0.w, b.x, b.y, wx);
+  mma_16816(acc, a1.x, a1.y, a1.z, a1.w, b.z, b.w, wx);
+}
+
+/* The 16 rows of a dk/dv step wait in local memory too (a stage; two per warp, the next
+ * step's arriving by cp.async while this one computes): row r holds its q elements in
+ * 16-byte units 0 .. DK/8 - 1 and its do elements from DK/8 on. Its row stride RLD8 (in
+ * units) is 4 mod 8, so that the 8 lanes of a 16-byte access phase (rows gid, gid + 1 at
+ * units 4c + tig) hit distinct banks, as KLD8's 64-byte padding does. Next to it, per row
+ * (lse, delta, gate as f32 bits, lim): blocks below lim see the row (lim = 0 past the walk). */
+#define RLD8 (((DK + DV) / 8) | 4)
+
+/* dk (ak) and dv (av) of this warp's keys key0 + gid (+ 8) += the 16 rows of one step,
+ * staged: rw = the stage's row gid at unit tig (row 8nt + gid, a B column, at rw[8nt RLD8]),
+ * rs = the stage's scalars of row 2tig (row 8nt + 2tig + x, a C column, at rs[8nt + x]).
+ * S^T = K Q^T and dP^T = V do^T (A = the keys, B = q and do rows), then dv += (g P)^T do
+ * and dk += dS^T Q (B = the staged do and q rows again, through movmatrix). Rows past the
+ * walk hold a copy of its last row; lim = 0 gives them P = dS = 0, as for every masked
+ * pair. */
 /* always_inline: clang (PoCL, tools/ptx_check.sh) otherwise calls it, its array arguments
  * then going through the stack */
-inline __attribute__((always_inline)) void dkdv_step(
-    float (*ak)[4], float (*av)[4], __local const uint4 *frag, int stride, int key0,
-    const kv_row *rb, const kv_row (*re)[2], __global const STORAGE(Q_DT) * q,
-    __global const STORAGE(DO_DT) * dout, __global const float *lse, __global const float *gate,
-    __global const float *delta, float sl2, __local uint *wx) {
+inline __attribute__((always_inline)) void dkdv_step(float (*ak)[4], float (*av)[4],
+                                                     __local const uint4 *frag, int stride,
+                                                     int key0, __local const uint4 *rw,
+                                                     __local const uint4 *rs, float sl2,
+                                                     __local uint *wx) {
   const int lane = get_local_id(0) & 31, gid = lane >> 2;
   float st[2][4], dpt[2][4];
-  uint4 ob[DVC][2];
+  zero_tiles(st, 2);
+  zero_tiles(dpt, 2);
+  /* each A fragment read once for both row tiles (each tile's sums keep their order:
+   * k hi over the chunks, then k lo; v) */
 #pragma unroll
-  for (int nt = 0; nt < 2; nt++) {
-    const bool ok = rb[nt].lim > 0;
-    st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.0f;
-    dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.0f;
+  for (int x = 0; x < 2; x++) { /* hi, then lo */
+    __local const uint4 *f = frag + x * KV_SLOTS * stride;
 #pragma unroll
-    for (int x = 0; x < 2; x++) { /* hi, then lo */
-      __local const uint4 *f = frag + x * KV_SLOTS * stride;
+    for (int c = 0; c < DKC; c++) {
+      const uint4 a0 = f[2 * c * stride], a1 = f[(2 * c + 1) * stride];
 #pragma unroll
-      for (int c = 0; c < DKC; c++)
-        mma_dims(st[nt], f[2 * c * stride], f[(2 * c + 1) * stride], LD8(q, rb[nt].qa + 32 * c, ok),
-                 wx);
+      for (int nt = 0; nt < 2; nt++) mma_dims_a(st[nt], a0, a1, rw[8 * nt * RLD8 + 4 * c], wx);
     }
+    /* no hazard here, but ptxas moves no local read across a warp_sync: without these
+     * three it hoists the next pass's fragment reads over this pass's mma (at most 192
+     * registers: 520 bytes of spill without them, 8 with) */
+    warp_sync(wx);
+  }
 #pragma unroll
-    for (int c = 0; c < DVC; c++) ob[c][nt] = LD8(dout, rb[nt].oa + 32 * c, ok);
+  for (int x = 0; x <= CV_SPLIT; x++) {
+    __local const uint4 *f = frag + (x * KV_SLOTS + 2 * DKC) * stride;
 #pragma unroll
-    for (int x = 0; x <= CV_SPLIT; x++) {
-      __local const uint4 *f = frag + (x * KV_SLOTS + 2 * DKC) * stride;
+    for (int c = 0; c < DVC; c++) {
+      const uint4 a0 = f[2 * c * stride], a1 = f[(2 * c + 1) * stride];
 #pragma unroll
-      for (int c = 0; c < DVC; c++)
-        mma_dims(dpt[nt], f[2 * c * stride], f[(2 * c + 1) * stride], ob[c][nt], wx);
+      for (int nt = 0; nt < 2; nt++)
+        mma_dims_a(dpt[nt], a0, a1, rw[8 * nt * RLD8 + DK / 8 + 4 * c], wx);
     }
   }
+  warp_sync(wx);
   /* element e of tile nt: key key0 + gid + 8 (e >> 1), row 8nt + 2tig + (e & 1); st
    * becomes g P (the weights of dv), dpt becomes dS */
 #pragma unroll
   for (int nt = 0; nt < 2; nt++) {
 #pragma unroll
     for (int x = 0; x < 2; x++) {
-      const kv_row r = re[nt][x];
-      const bool ok = r.lim > 0;
-      const float l2 = ok ? lse[r.la] * M_LOG2E_F : 0.0f;
-      const float dl = ok ? delta[r.rs] : 0.0f, g = ok ? gate[r.rs] : 0.0f;
+      const uint4 r = rs[8 * nt + x];
+      const int lim = (int)r.w;
+      const bool ok = lim > 0;
+      const float l2 = ok ? as_float(r.x) * M_LOG2E_F : 0.0f;
+      const float dl = ok ? as_float(r.y) : 0.0f, g = ok ? as_float(r.z) : 0.0f;
 #pragma unroll
       for (int kh = 0; kh < 2; kh++) {
         const int e = 2 * kh + x;
-        const float p = key0 + gid + 8 * kh < r.lim ? exp2(st[nt][e] * sl2 - l2) : 0.0f;
+        const float p = key0 + gid + 8 * kh < lim ? exp2(st[nt][e] * sl2 - l2) : 0.0f;
         st[nt][e] = g * p;
         dpt[nt][e] = p * (g * dpt[nt][e] - dl);
       }
@@ -185,11 +217,10 @@ inline __attribute__((always_inline)) void dkdv_step(
   }
   const afrag apg = pack_a(st[0], st[1]), ads = pack_a(dpt[0], dpt[1]);
 #pragma unroll
-  for (int c = 0; c < DVC; c++) mma_rows(av + 4 * c, apg, ob[c][0], ob[c][1], wx);
+  for (int c = 0; c < DVC; c++)
+    mma_rows(av + 4 * c, apg, rw[DK / 8 + 4 * c], rw[8 * RLD8 + DK / 8 + 4 * c], wx);
 #pragma unroll
-  for (int c = 0; c < DKC; c++)
-    mma_rows(ak + 4 * c, ads, LD8(q, rb[0].qa + 32 * c, rb[0].lim > 0),
-             LD8(q, rb[1].qa + 32 * c, rb[1].lim > 0), wx);
+  for (int c = 0; c < DKC; c++) mma_rows(ak + 4 * c, ads, rw[4 * c], rw[8 * RLD8 + 4 * c], wx);
 }
 
 /* Writes this warp's keys key0 + gid (+ 8), those below kend, as rows at + key - key0 of
@@ -227,8 +258,8 @@ inline float bf16_half(uint w, int upper) {
 
 /* Elements i .. i + 7 of an f32 tensor (i a multiple of 4; zeros where !ok) as bf16
  * pairs: *hi = bf16(x), *lo = bf16(x - hi), so that hi + lo keeps 16 bits of x. */
-inline __attribute__((always_inline)) void split8(__global const float *p, long i, bool ok,
-                                                  __local uint4 *hi, __local uint4 *lo) {
+inline __attribute__((always_inline)) void split8_words(__global const float *p, long i, bool ok,
+                                                        uint4 *hi, uint4 *lo) {
   const float4 a = ok ? *(__global const float4 *)(p + i) : (float4)(0.0f);
   const float4 b = ok ? *(__global const float4 *)(p + i + 4) : (float4)(0.0f);
   const uint4 r = (uint4)(pack2(a.x, a.y), pack2(a.z, a.w), pack2(b.x, b.y), pack2(b.z, b.w));
@@ -237,6 +268,15 @@ inline __attribute__((always_inline)) void split8(__global const float *p, long 
                 pack2(a.z - bf16_half(r.y, 0), a.w - bf16_half(r.y, 1)),
                 pack2(b.x - bf16_half(r.z, 0), b.y - bf16_half(r.z, 1)),
                 pack2(b.z - bf16_half(r.w, 0), b.w - bf16_half(r.w, 1)));
+}
+
+/* The same, stored in local memory. */
+inline __attribute__((always_inline)) void split8(__global const float *p, long i, bool ok,
+                                                  __local uint4 *hi, __local uint4 *lo) {
+  uint4 h, l;
+  split8_words(p, i, ok, &h, &l);
+  *hi = h;
+  *lo = l;
 }
 
 /* The same elements as their hi terms only. */
@@ -366,81 +406,142 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
   }
 }
 
-/* Row f of a compressed dk/dv walk (flattened over the sequence, as above). */
-inline __attribute__((always_inline)) kv_row compressed_row(long f, long fend, cmp_seq sp, int h,
-                                                            int G, int BS, CTENSOR(Q_DT, q),
-                                                            CTENSOR(DO_DT, dout), CTENSOR(0, lse),
-                                                            int TQ, int HQ) {
-  const int tig = get_local_id(0) & 3;
-  const long fc = min(f, fend - 1), tok = sp.t0 + fc / G;
-  const int hq = h * G + (int)(fc % G);
-  const kv_row r = {TIDX(q, sp.b, tok, hq) + 8 * tig, TIDX(dout, sp.b, tok, hq) + 8 * tig,
-                    TIDX(lse, sp.b, tok, hq), ((long)sp.b * TQ + tok) * HQ + hq,
-                    min(sp.nb, cmp_blocks(f, fend, G, BS))};
-  return r;
+/* Token index *t and head *g of row r of a dk/dv step whose first row is (ts, gs) (the
+ * flattened row ts G + gs of the sequence); past the walk's last token tlast, its last row
+ * (tlast, G - 1) instead. Returns whether the row lies in the walk. 32-bit: gs < G. */
+inline bool cmp_step_row(int ts, int gs, int r, int G, int tlast, int *t, int *g) {
+  const int x = gs + r, dt = (int)((uint)x / (uint)G);
+  const bool in = ts + dt <= tlast;
+  *t = in ? ts + dt : tlast;
+  *g = in ? x - dt * G : G - 1;
+  return in;
+}
+
+/* Stages the step whose first row is (ts, gs): this lane's cp.async copies of rows gid and
+ * gid + 8 (its q and do units 4c + tig) into stage rows (only where copy, warp-uniform),
+ * and returns the scalars of row gid + 8 (tig & 1) (lse, delta, gate bits, lim) for the
+ * caller to store one step later, once its loads have had a step's time to arrive. */
+inline __attribute__((always_inline)) uint4 kv_stage(__local uint4 *rows, bool copy, int ts, int gs,
+                                                     int tlast, cmp_seq sp, int h, int G, int BS,
+                                                     CTENSOR(Q_DT, q), CTENSOR(DO_DT, dout),
+                                                     CTENSOR(0, lse), __global const float *gate,
+                                                     __global const float *delta, int TQ, int HQ) {
+  const int lane = get_local_id(0) & 31, gid = lane >> 2, tig = lane & 3;
+  int t[2], g[2];
+  bool in[2];
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    in[rh] = cmp_step_row(ts, gs, gid + 8 * rh, G, tlast, &t[rh], &g[rh]);
+    if (copy) {
+      const int tok = sp.t0 + t[rh], hq = h * G + g[rh];
+      __local uint4 *d = rows + (gid + 8 * rh) * RLD8 + tig;
+      __global const STORAGE(Q_DT) *qr = q + TIDX(q, sp.b, tok, hq) + 8 * tig;
+      __global const STORAGE(DO_DT) *orow = dout + TIDX(dout, sp.b, tok, hq) + 8 * tig;
+#pragma unroll
+      for (int c = 0; c < DKC; c++) cp_async16(d + 4 * c, qr + 32 * c);
+#pragma unroll
+      for (int c = 0; c < DVC; c++) cp_async16(d + DK / 8 + 4 * c, orow + 32 * c);
+    }
+  }
+  const int x = tig & 1, ti = x ? t[1] : t[0], tok = sp.t0 + ti, hq = h * G + (x ? g[1] : g[0]);
+  const long rs = ((long)sp.b * TQ + tok) * HQ + hq;
+  const int lim = (x ? in[1] : in[0]) ? min(sp.nb, (ti + 1) / BS) : 0;
+  return (uint4)(as_uint(lse[TIDX(lse, sp.b, tok, hq)]), as_uint(delta[rs]), as_uint(gate[rs]),
+                 (uint)lim);
 }
 
 /* Partial sums over token chunk (group % chunks) of 16 CKV_NW blocks: [chunks, B*NB, H, D]
  * as bwd_dkdv_compressed. Warp w owns blocks 16w .. 16w + 15 of the group (the M side of
  * every product, their f32 rows split into hi and lo A fragments that wait in local
- * memory) and walks the chunk's rows that see its first block, 16 per step (dkdv_step). */
+ * memory) and walks the chunk's rows that see its first block, 16 per step (dkdv_step),
+ * each step's rows staged by cp.async one step ahead (its own two stages: only warp_sync). */
 __kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_compressed_mma(
     CTENSOR(Q_DT, q), CTENSOR(0, kc), CTENSOR(0, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
     __global float *ws, long gate_off, long delta_off, long dk_off, long dv_off, float scale,
     int chunks, int ctok, int BS, SEQ_ARGS) {
-  __local uint4 kvl[KV_ALL * 32 * CKV_NW];
+  __local uint4 kvl[KV_ALL * 32 * CKV_NW] __attribute__((aligned(16)));
+  __local uint4 rbuf[CKV_NW * 2 * 16 * RLD8] __attribute__((aligned(16))); /* 2 stages a warp */
+  __local uint4 sbuf[CKV_NW * 2 * 16] __attribute__((aligned(16)));        /* their scalars */
   WARP_SCRATCH(wx);
   const cmp_seq sp = cmp_sequence(cu, nseq, TQ, NB, get_group_id(1));
-  const int h = get_group_id(2), G = HQ / H, chunk = get_group_id(0) % chunks;
+  const int h = get_group_id(2), G = HQ / H, grp = get_group_id(0), chunk = grp % chunks;
   const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5;
   const int gid = lane >> 2, tig = lane & 3, S = 32 * CKV_NW;
-  const int kw = (get_group_id(0) / chunks) * 16 * CKV_NW + 16 * warp;
+  const int kw = (grp / chunks) * 16 * CKV_NW + 16 * warp;
   if (kw >= sp.nb) return; /* no barrier below: warps may leave on their own */
   (void)TK;
   __global const float *gate = ws + gate_off, *delta = ws + delta_off;
 
+  /* this lane's A fragment words of keys kw + gid and kw + gid + 8 (afrag_words) */
+  long kr[2];
+  bool kok[2];
 #pragma unroll
   for (int rh = 0; rh < 2; rh++) {
     const int c = kw + gid + 8 * rh;
-    const long kr = sp.c0 + min(c, sp.nb - 1);
+    kok[rh] = c < sp.nb;
+    kr[rh] = sp.c0 + min(c, sp.nb - 1);
+  }
 #pragma unroll
-    for (int x = 0; x < DKC; x++)
-      split8(kc, TIDX(kc, sp.b, kr, h) + 32 * x + 8 * tig, c < sp.nb, kvl + (2 * x + rh) * S + lid,
-             kvl + (KV_SLOTS + 2 * x + rh) * S + lid);
+  for (int x = 0; x < DKC; x++) {
+    uint4 hi[2], lo[2];
 #pragma unroll
-    for (int x = 0; x < DVC; x++)
+    for (int rh = 0; rh < 2; rh++)
+      split8_words(kc, TIDX(kc, sp.b, kr[rh], h) + 32 * x + 8 * tig, kok[rh], &hi[rh], &lo[rh]);
+#pragma unroll
+    for (int w = 0; w < 2; w++) {
+      kvl[(2 * x + w) * S + lid] = afrag_words(hi[0], hi[1], w);
+      kvl[(KV_SLOTS + 2 * x + w) * S + lid] = afrag_words(lo[0], lo[1], w);
+    }
+  }
+#pragma unroll
+  for (int x = 0; x < DVC; x++) {
+    uint4 hi[2], lo[2]; /* lo only with CV_SPLIT */
+#pragma unroll
+    for (int rh = 0; rh < 2; rh++)
+      split8_words(vc, TIDX(vc, sp.b, kr[rh], h) + 32 * x + 8 * tig, kok[rh], &hi[rh], &lo[rh]);
+#pragma unroll
+    for (int w = 0; w < 2; w++) {
+      kvl[(2 * DKC + 2 * x + w) * S + lid] = afrag_words(hi[0], hi[1], w);
 #if CV_SPLIT
-      split8(vc, TIDX(vc, sp.b, kr, h) + 32 * x + 8 * tig, c < sp.nb,
-             kvl + (2 * DKC + 2 * x + rh) * S + lid,
-             kvl + (KV_SLOTS + 2 * DKC + 2 * x + rh) * S + lid);
-#else
-      round8(vc, TIDX(vc, sp.b, kr, h) + 32 * x + 8 * tig, c < sp.nb,
-             kvl + (2 * DKC + 2 * x + rh) * S + lid);
+      kvl[(KV_SLOTS + 2 * DKC + 2 * x + w) * S + lid] = afrag_words(lo[0], lo[1], w);
 #endif
+    }
   }
   const float sl2 = scale * M_LOG2E_F;
   float ak[DK / 8][4], av[DV / 8][4];
   zero_tiles(ak, DK / 8);
   zero_tiles(av, DV / 8);
 
-  /* tokens of the chunk from the end of the warp's first block on */
-  const long ifirst = max((long)(kw + 1) * BS - 1, (long)chunk * ctok);
-  const long ilast = min((long)sp.len - 1, (long)(chunk + 1) * ctok - 1);
-  const long fend = (ilast + 1) * G;
-  for (long f0 = ifirst * G; f0 < fend; f0 += 16) {
-    kv_row rb[2], re[2][2];
-#pragma unroll
-    for (int nt = 0; nt < 2; nt++) {
-      rb[nt] = compressed_row(f0 + 8 * nt + gid, fend, sp, h, G, BS, TPASS(q), TPASS(dout),
-                              TPASS(lse), TQ, HQ);
-#pragma unroll
-      for (int x = 0; x < 2; x++)
-        re[nt][x] = compressed_row(f0 + 8 * nt + 2 * tig + x, fend, sp, h, G, BS, TPASS(q),
-                                   TPASS(dout), TPASS(lse), TQ, HQ);
-    }
-    dkdv_step(ak, av, kvl + lid, S, kw, rb, re, q, dout, lse, gate, delta, sl2, wx);
+  /* tokens of the chunk from the end of the warp's first block on, 16 flattened rows
+   * (token * G + g) per step */
+  const int tfirst = (int)max((long)(kw + 1) * BS - 1, (long)chunk * ctok);
+  const int tlast = (int)min((long)sp.len - 1, (long)(chunk + 1) * ctok - 1);
+  const int nsteps = tlast < tfirst ? 0 : (int)(((long)(tlast - tfirst + 1) * G + 15) / 16);
+  __local uint4 *rows = rbuf + warp * 2 * 16 * RLD8, *rsc = sbuf + warp * 2 * 16;
+  int ts = tfirst, gs = 0; /* first row of the step staged last */
+  uint4 sc = kv_stage(rows, nsteps > 0, ts, gs, tlast, sp, h, G, BS, TPASS(q), TPASS(dout),
+                      TPASS(lse), gate, delta, TQ, HQ);
+  cp_async_commit();
+  for (int s = 0; s < nsteps; s++) {
+    const int cur = s & 1;
+    /* stage cur was last read by step s - 2, stage cur ^ 1 by step s - 1: both are free */
+    if (tig < 2) rsc[16 * cur + gid + 8 * tig] = sc;
+    gs += 16;
+    ts += (int)((uint)gs / (uint)G);
+    gs = (int)((uint)gs % (uint)G);
+    sc = kv_stage(rows + 16 * RLD8 * (cur ^ 1), s + 1 < nsteps, ts, gs, tlast, sp, h, G, BS,
+                  TPASS(q), TPASS(dout), TPASS(lse), gate, delta, TQ, HQ);
+    cp_async_commit();
+    cp_async_wait(1); /* this lane's copies of step s have landed */
+    warp_sync(wx);    /* and every lane's, with the scalars */
+    dkdv_step(ak, av, kvl + lid, S, kw, rows + 16 * RLD8 * cur + gid * RLD8 + tig,
+              rsc + 16 * cur + 2 * tig, sl2, wx);
+    warp_sync(wx); /* stage cur consumed before step s + 2 refills it */
   }
-  const long base = (long)chunk * B * NB + (long)sp.b * NB + sp.c0 + kw;
-  dkdv_write(ws + dk_off, ws + dv_off, base * H + h, H, kw, sp.nb, scale, ak, av);
+  cp_async_wait(0);
+  /* the sequence read again: its c0 need not stay in a register through the walk */
+  const cmp_seq se = cmp_sequence(cu, nseq, TQ, NB, get_group_id(1));
+  const long base = (long)chunk * B * NB + (long)se.b * NB + se.c0 + kw;
+  dkdv_write(ws + dk_off, ws + dv_off, base * H + h, H, kw, se.nb, scale, ak, av);
 }
 #endif /* MMA_DT == 2 */

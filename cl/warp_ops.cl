@@ -7,7 +7,13 @@
  *   movmatrix_t transpose of an 8x8 matrix of 16-bit words held across the warp;
  *   shfl_xor    butterfly exchange of a float between lanes;
  *   pack2       two floats rounded (nearest even) into a pair of MMA_DT words;
- *   warp_sync   the warp's lanes meet, and their local-memory writes become visible.
+ *   warp_sync   the warp's lanes meet, and their local-memory writes become visible;
+ *   cp_async16  16 bytes from global to local memory without passing through registers
+ *               (cp.async.cg, Ampere and later): the copy is in flight until the work-item
+ *               waits for it; cp_async_commit() closes the work-item's pending copies into
+ *               a group, cp_async_wait(N) (N a literal) returns once at most N of its groups
+ *               are still in flight. Other work-items see the data after their own wait
+ *               and a barrier (or warp_sync within a warp). Both addresses 16-byte aligned.
  * On NVIDIA each is one PTX instruction through inline asm (verified under NVIDIA's OpenCL
  * driver, docs/GPU.md). With -DWARP_EMULATE=1 they go through local memory instead, so
  * that every fragment layout of the callers runs, and is tested, on any OpenCL device
@@ -99,6 +105,19 @@ inline void warp_sync(__local uint *x) {
   PTX_ASM volatile("bar.warp.sync 0xffffffff;" ::: "memory");
 }
 
+inline void cp_async16(__local void *d, __global const void *s) {
+  PTX_ASM volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                   :
+                   : "r"((uint)(size_t)d), "l"((ulong)(size_t)s)
+                   : "memory");
+}
+
+inline void cp_async_commit(void) {
+  PTX_ASM volatile("cp.async.commit_group;" ::: "memory");
+}
+
+#define cp_async_wait(n) PTX_ASM volatile("cp.async.wait_group " #n ";" ::: "memory")
+
 /* lo into the lower half, hi into the upper (cvt puts its first source in the upper). */
 inline uint pack2(float lo, float hi) {
   uint d;
@@ -189,6 +208,16 @@ inline void warp_sync(__local uint *x) {
   (void)x;
   barrier(CLK_LOCAL_MEM_FENCE);
 }
+
+/* The emulated copy is synchronous: commit and wait have nothing to do. */
+inline void cp_async16(__local void *d, __global const void *s) {
+  *(__local uint4 *)d = *(__global const uint4 *)s;
+}
+
+inline void cp_async_commit(void) {
+}
+
+#define cp_async_wait(n) ((void)0)
 
 inline uint round16(float v) {
 #if MMA_DT == 1

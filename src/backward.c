@@ -289,7 +289,7 @@ static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool 
   p->dq_nw = emulate ? 1 : tuning_env_int("BWD_MMA_NW", 2, 1);
   /* the compressed kernels (bwd_mma_cmp_configure may lower ckv_nw to fit) */
   p->cq_nw = emulate ? 1 : tuning_env_int("BWD_CQ_NW", 4, 1);
-  p->ckv_nw = emulate ? 1 : tuning_env_int("BWD_CKV_NW", 2, 1);
+  p->ckv_nw = emulate ? 1 : tuning_env_int("BWD_CKV_NW", 1, 1);
   p->kv_nw = emulate ? 1 : per_block < 4 ? per_block : 4;
   const size_t scratch = emulate ? 4 * 32 * 6 : 0;
   const size_t dq_bytes = 4 * (3 * (size_t)CLNSA_MAX_BLOCK_COUNT + 16 * ((size_t)d->DK + 4));
@@ -300,12 +300,24 @@ static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool 
   return (size_t)(32 * nw) <= ctx->info.max_wg && most + scratch + 1024 <= ctx->info.local_mem;
 }
 
+/* Local bytes a warp of bwd_dkdv_compressed_mma holds (its kvl, rbuf, sbuf): the A
+ * fragment slots of its 16 blocks (KV_ALL 16-byte slots a lane) and two stages of 16 rows
+ * (q and do, RLD8 16-byte units a row) with their 16-byte scalars. */
+static size_t cmp_dkdv_warp_bytes(const nsa_dims *d) {
+  const size_t dkc = (size_t)d->DK / 32, dvc = (size_t)d->DV / 32;
+  const size_t cv_split = tuning_env_int("CV_SPLIT", 0, 0) ? 1 : 0;
+  const size_t slots = 2 * (dkc + dvc) + 2 * dkc + cv_split * 2 * dvc; /* KV_ALL */
+  const size_t rld8 = ((size_t)(d->DK + d->DV) / 8) | 4;               /* RLD8 */
+  return 16 * 32 * slots + 2 * 16 * 16 * (rld8 + 1);
+}
+
 /* Tensor-core compressed kernels (cl/attend_bwd_cmp_mma.cl): k_cmp and v_cmp are the forward's
  * f32 rows, split into bf16 hi + lo on the tensor cores, so q and do must be bf16 (an f16
  * split would lose small values to f16's range: f16 q runs the portable kernels). dq: 4
  * warps of 16 rows share a staged tile of 16 blocks (hi and lo, 64-byte padded rows);
- * dk/dv: a warp owns 16 blocks whose hi/lo A fragments wait in local memory, 2 warps a
- * group where that fits (1 for DK = 256). */
+ * dk/dv: a warp owns 16 blocks whose hi/lo A fragments wait in local memory, next to two
+ * stages of its steps' rows (cp.async): 30.5 KiB a warp at DK = DV = 128, so 1 warp a
+ * group (BWD_CKV_NW asks for more; lowered here until the group fits local memory). */
 static bool bwd_mma_cmp_configure(const clnsa_context *ctx, const nsa_dims *d,
                                   const clnsa_inputs *in, bwd_plan *p) {
   if (!p->mma || !p->cmp || in->q->dtype != CLNSA_BF16 || p->k_cmp.dtype != CLNSA_F32 ||
@@ -314,10 +326,11 @@ static bool bwd_mma_cmp_configure(const clnsa_context *ctx, const nsa_dims *d,
     return false;
   const size_t scratch = p->mma_emulated ? 4 * 32 * 6 : 0, room = ctx->info.local_mem - 1024;
   const size_t dq_bytes = 2 * 16 * 16 * (size_t)(d->DK / 8 + 4 + d->DV / 8 + 4);
-  const size_t per_warp = 2 * 16 * 2 * (size_t)(d->DK / 32 + d->DV / 32) * 32;
+  const size_t per_warp = cmp_dkdv_warp_bytes(d);
   while (p->ckv_nw > 1 && per_warp * p->ckv_nw + scratch > room) p->ckv_nw--;
   return ctx->info.local_mem > 1024 && (size_t)(32 * p->cq_nw) <= ctx->info.max_wg &&
-         dq_bytes + scratch <= room && per_warp * p->ckv_nw + scratch <= room;
+         (size_t)(32 * p->ckv_nw) <= ctx->info.max_wg && dq_bytes + scratch <= room &&
+         per_warp * p->ckv_nw + scratch <= room;
 }
 
 static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
