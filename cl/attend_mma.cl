@@ -73,6 +73,9 @@
 #define MT 1
 #endif
 #define RH (2 * MT) /* rows per lane: gid + 8 x */
+#ifndef TOK_LOCAL /* 1: rows' tokens and heads stay in local memory, not in registers */
+#define TOK_LOCAL (MODE == 1)
+#endif
 #ifndef STAGE /* 1: the group stages each K/V tile in local memory once for all its warps */
 #define STAGE (MODE != 2)
 #endif
@@ -101,6 +104,9 @@
 #if STAGE && MODE == 2
 #error "attend_mma.cl: STAGE is for MODE 0/1, whose warps walk the same keys"
 #endif
+#if MT > 1 && !STAGE
+#error "attend_mma.cl: MT > 1 reads staged tiles"
+#endif
 #if WARP_EMULATE && NW != 1
 #error "attend_mma.cl: the warp emulation runs one warp per group"
 #endif
@@ -117,6 +123,14 @@
 #define KLD8 (DK / 8)
 #define VLD8 (DV / 8)
 #define SWZ(ld, j, u) ((j) * (ld) + ((ld) % 8 == 0 ? (u) ^ (((j) & 1) << 2) : (u)))
+/* The staged K words of this lane's B fragments, 8-key tile nt, 32-dim chunk c. */
+#if K_DT == 0
+#define KW_STAGED(x, nt, c)                                   \
+  ((x).hi = kst[SWZ(KLD8, 8 * (nt) + gid, 4 * (c) + tig)],    \
+   (x).lo = kst_lo[SWZ(KLD8, 8 * (nt) + gid, 4 * (c) + tig)])
+#else
+#define KW_STAGED(x, nt, c) ((x).hi = kst[SWZ(KLD8, 8 * (nt) + gid, 4 * (c) + tig)])
+#endif
 
 #define U4(v, j) ((j) == 0 ? (v).x : (j) == 1 ? (v).y : (j) == 2 ? (v).z : (v).w)
 /* 8 elements (16 bytes) at element index i of a 16-bit tensor; i is a multiple of 8. */
@@ -214,10 +228,21 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 
   /* This lane's RH rows, and the keys its warp walks: [klo, khi), tiles of KT. */
   const int rbase = MODE == 2 ? 0 : 16 * MT * warp;
-  int tok[RH], hq[RH], lo[RH], hi[RH];
+  int lo[RH], hi[RH];
+#if TOK_LOCAL /* a row's token and head read from local memory where needed */
+#define ROW_TOK(rh) rows.tok[rbase + gid + 8 * (rh)]
+#define ROW_HQ(rh) rows.hq[rbase + gid + 8 * (rh)]
+#else
+  int tok[RH], hq[RH];
+#define ROW_TOK(rh) tok[rh]
+#define ROW_HQ(rh) hq[rh]
+#endif
   for (int rh = 0; rh < RH; rh++) {
     const int r = rbase + gid + 8 * rh;
-    tok[rh] = rows.tok[r], hq[rh] = rows.hq[r], lo[rh] = rows.lo[r], hi[rh] = rows.hi[r];
+#if !TOK_LOCAL
+    tok[rh] = rows.tok[r], hq[rh] = rows.hq[r];
+#endif
+    lo[rh] = rows.lo[r], hi[rh] = rows.hi[r];
   }
 #if MODE == 2
   const int khi = grp.hi, kfirst = warp * KT, kstep = NW * KT;
@@ -238,8 +263,9 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   for (int c = 0; c < DKC; c++) {
 #pragma unroll
     for (int rh = 0; rh < RH; rh++)
-      qf[c][rh] = tok[rh] >= 0 ? LD8(q, TIDX(q, grp.b, tok[rh], hq[rh]) + 32 * c + 8 * tig)
-                               : (uint4)(0u);
+      qf[c][rh] = ROW_TOK(rh) >= 0
+                      ? LD8(q, TIDX(q, grp.b, ROW_TOK(rh), ROW_HQ(rh)) + 32 * c + 8 * tig)
+                      : (uint4)(0u);
   }
   const float sl2 = scale * M_LOG2E_F;
   float m[RH], l[RH];
@@ -295,10 +321,19 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     float s[MT][NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
-#if !STAGE /* a tile's K words loaded together: more loads in flight */
+      /* a tile's K words loaded together, for more loads in flight; with MT = 2 (staged)
+       * a chunk's words at a time, as the registers are short */
+      pairs8 kwa[MT > 1 ? 1 : DKC];
+#if STAGE
+#if MT == 1
+#pragma unroll
+      for (int c = 0; c < DKC; c++) {
+        KW_STAGED(kwa[c], nt, c);
+      }
+#endif
+#else
       const int kidx = k0 + 8 * nt + gid;
       const long at = TIDX(k, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h) + 8 * tig;
-      pairs8 kwa[DKC];
 #pragma unroll
       for (int c = 0; c < DKC; c++) kwa[c] = LOAD8(K_DT, k, at + 32 * c, kidx < khi);
 #endif
@@ -306,12 +341,9 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
       for (int mt = 0; mt < MT; mt++) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
 #pragma unroll
       for (int c = 0; c < DKC; c++) {
-#if STAGE /* a chunk's words at a time: with MT = 2 the registers are short */
+#if MT > 1
         pairs8 kw;
-        kw.hi = kst[SWZ(KLD8, 8 * nt + gid, 4 * c + tig)];
-#if K_DT == 0
-        kw.lo = kst_lo[SWZ(KLD8, 8 * nt + gid, 4 * c + tig)];
-#endif
+        KW_STAGED(kw, nt, c);
 #else
         const pairs8 kw = kwa[c];
 #endif
@@ -474,9 +506,9 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #else /* MODE 0/1: each warp writes its own rows */
 #pragma unroll
   for (int rh = 0; rh < RH; rh++) {
-    if (tok[rh] < 0) continue;
+    if (ROW_TOK(rh) < 0) continue;
     const float inv = l[rh] > 0.0f ? 1.0f / l[rh] : 0.0f;
-    const long base = TIDX(o, grp.b, tok[rh], hq[rh]);
+    const long base = TIDX(o, grp.b, ROW_TOK(rh), ROW_HQ(rh));
 #pragma unroll
     for (int c = 0; c < DVC; c++) {
 #pragma unroll
@@ -488,7 +520,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     }
 #if HAS_LSE
     if (tig == 0)
-      lse[TIDX(lse, grp.b, tok[rh], hq[rh])] =
+      lse[TIDX(lse, grp.b, ROW_TOK(rh), ROW_HQ(rh))] =
           l[rh] > 0.0f ? (m[rh] + log2(l[rh])) * M_LN2_F : -INFINITY;
 #endif
   }
