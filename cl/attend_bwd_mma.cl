@@ -40,12 +40,22 @@
  * and the q rows loaded again, through movmatrix). Every key's dk and dv have one warp
  * as their only writer, accumulated in the fixed row order of the walk. The k and v A
  * fragments stay for the whole walk; they wait in local memory (each lane its own slots,
- * so no synchronisation) to leave the registers to the two accumulators (DK/2 + DV/2
- * floats a lane); reloading q rather than keeping its words too brings ptxas down to
- * 254 registers and 8 bytes of spill at DK = DV = 128 (from 255 and 96).
+ * in mma register order, so no synchronisation) to leave the registers to the two
+ * accumulators (DK/2 + DV/2 floats a lane). Each step's 16 rows (q and do, SRLD8-padded)
+ * wait there too, in two stages per warp: the next step's rows arrive by cp.async (their
+ * lse, delta, gate and mask limit by plain loads kept in registers for a step) while this
+ * step computes, as in bwd_dkdv_compressed_mma (cl/attend_bwd_cmp_mma.cl), rather than
+ * each step waiting on its global loads. The mask is expanded MASK_WORDS words at a time
+ * (barriers: every warp runs the same windows and steps), and each window stages its
+ * first step before its step loop; rows past the window copy its last row (lim = 0 masks
+ * them). The warp owns its stages, so warp_sync suffices within a window. At DK = DV = 128
+ * a warp holds 26.5 KiB (8 KiB fragments, 18.5 KiB stages and scalars), so one warp a
+ * group (src/backward.c lowers KV_NW to fit 48 KiB); ptxas (tools/ptx_check.sh): 255
+ * registers, 28 bytes of spill (unstaged: 254 and 8; DK = 192: 28, unstaged 228).
  *
  * Masked pairs (key position after the row's token, key past the block or sequence, row
- * past the group's rows) get P = dS = 0; loads of keys or rows past the end read zeros.
+ * past the group's rows) get P = dS = 0; loads of keys or rows past the end read zeros
+ * (dq; dk/dv: keys) or a clamped row (dk/dv: rows).
  * The selection list (selection_rows) and the mask expansion (mask_expand) come from
  * cl/bwd_mask.cl, which precedes both kernel files.
  */
@@ -59,7 +69,7 @@
 #define DQ_NW 4 /* bwd_dq_selected_mma: warps per group */
 #endif
 #ifndef KV_NW
-#define KV_NW 4 /* bwd_dkdv_selected_mma: warps per group (16 keys each) */
+#define KV_NW 1 /* bwd_dkdv_selected_mma: warps per group (16 keys each; host: up to 4) */
 #endif
 #ifndef KT
 #define KT 16 /* bwd_dq_selected_mma: key slots per warp step, a multiple of 16 */
@@ -281,12 +291,70 @@ inline step_row walk_row(int f, int nrows, __local const int *list, int h, int G
   return r;
 }
 
+/* The A fragment words of this lane's keys gid (lo) and gid + 8 (hi) over one chunk (16
+ * bytes of each, as loaded for mma_dims) in mma_16816's register order: half w = 0 the
+ * dims of word pair x, y, w = 1 those of z, w; one 16-byte read then feeds one mma. */
+inline uint4 kv_afrag(uint4 lo, uint4 hi, int w) {
+  return w ? (uint4)(lo.z, hi.z, lo.w, hi.w) : (uint4)(lo.x, hi.x, lo.y, hi.y);
+}
+
+/* mma_dims with the A words of kv_afrag (a0: half 0, a1: half 1). */
+inline void mma_dims_kv(float *acc, uint4 a0, uint4 a1, uint4 b, __local uint *wx) {
+  mma_16816(acc, a0.x, a0.y, a0.z, a0.w, b.x, b.y, wx);
+  mma_16816(acc, a1.x, a1.y, a1.z, a1.w, b.z, b.w, wx);
+}
+
+/* The 16 rows of a dk/dv step wait in local memory (a stage; two per warp, the next
+ * step's arriving by cp.async while this one computes): row r holds its q elements in
+ * 16-byte units 0 .. DK/8 - 1 and its do elements from DK/8 on. The row stride SRLD8 (in
+ * units) is 4 mod 8, so that the 8 lanes of a 16-byte access phase (rows gid, gid + 1 at
+ * units 4c + tig) hit distinct banks. Next to it, per row (lse, delta, gate as f32 bits,
+ * lim): keys below lim see the row (lim = 0 past the walk). */
+#define SRLD8 (((DK + DV) / 8) | 4)
+
+#ifndef TPASS
+#define TPASS(t) t, t##_off, t##_s0, t##_s1, t##_s2 /* a CTENSOR passed on */
+#endif
+
+/* Stages rows f0 .. f0 + 15 of the walk (list, nrows): this lane's cp.async copies of rows
+ * f0 + gid and f0 + gid + 8 (q and do units 4c + tig) into stage rows, only where copy
+ * (warp-uniform); rows past the walk copy its last row (walk_row clamps). Returns the
+ * scalars of row f0 + gid + 8 (tig & 1) for the caller to store one step later, once its
+ * loads have had a step's time to arrive. Scalars are only read for rows in the walk, so
+ * an empty walk (nrows = 0) reads no tensor. */
+inline __attribute__((always_inline)) uint4
+sel_stage(__local uint4 *rows, bool copy, int f0, int nrows, __local const int *list, crow blk,
+          int h, int G, int kend, CTENSOR(Q_DT, q), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
+          __global const float *gate, __global const float *delta, int TQ, int HQ) {
+  const int lane = get_local_id(0) & 31, gid = lane >> 2, tig = lane & 3;
+  step_row r[2];
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    r[rh] = walk_row(f0 + gid + 8 * rh, nrows, list, h, G);
+    if (copy) {
+      const long tok = blk.kstart + r[rh].t;
+      __local uint4 *d = rows + (gid + 8 * rh) * SRLD8 + tig;
+      __global const STORAGE(Q_DT) *qr = q + TIDX(q, blk.b, tok, r[rh].hq) + 8 * tig;
+      __global const STORAGE(DO_DT) *orow = dout + TIDX(dout, blk.b, tok, r[rh].hq) + 8 * tig;
+#pragma unroll
+      for (int c = 0; c < DKC; c++) cp_async16(d + 4 * c, qr + 32 * c);
+#pragma unroll
+      for (int c = 0; c < DVC; c++) cp_async16(d + DK / 8 + 4 * c, orow + 32 * c);
+    }
+  }
+  const step_row e = (tig & 1) ? r[1] : r[0];
+  const long tok = blk.kstart + e.t, rs = ((long)blk.b * TQ + tok) * HQ + e.hq;
+  return (uint4)(e.ok ? as_uint(lse[TIDX(lse, blk.b, tok, e.hq)]) : 0u,
+                 e.ok ? as_uint(delta[rs]) : 0u, e.ok ? as_uint(gate[rs]) : 0u,
+                 e.ok ? (uint)min(kend, e.t + 1) : 0u);
+}
+
 #if KV_LOCAL
-#define KFRAG(c, rh) kvl[(2 * (c) + (rh)) * 32 * KV_NW + lid]
-#define VFRAG(c, rh) kvl[(2 * DKC + 2 * (c) + (rh)) * 32 * KV_NW + lid]
+#define KFRAG(c, w) kvl[(2 * (c) + (w)) * 32 * KV_NW + lid]
+#define VFRAG(c, w) kvl[(2 * DKC + 2 * (c) + (w)) * 32 * KV_NW + lid]
 #else
-#define KFRAG(c, rh) kf[c][rh]
-#define VFRAG(c, rh) vf[c][rh]
+#define KFRAG(c, w) kf[c][w]
+#define VFRAG(c, w) vf[c][w]
 #endif
 
 __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_selected_mma(
@@ -298,8 +366,10 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
   __local int list[MASK_WORDS * 32];
   __local uint words[MASK_WORDS];
 #if KV_LOCAL
-  __local uint4 kvl[2 * (DKC + DVC) * 32 * KV_NW];
+  __local uint4 kvl[2 * (DKC + DVC) * 32 * KV_NW] __attribute__((aligned(16)));
 #endif
+  __local uint4 rbuf[KV_NW * 2 * 16 * SRLD8] __attribute__((aligned(16))); /* 2 stages a warp */
+  __local uint4 sbuf[KV_NW * 2 * 16] __attribute__((aligned(16)));         /* their scalars */
   WARP_SCRATCH(wx);
   __global const int *offsets = sel + offsets_off;
   const int keys_per_group = 16 * KV_NW, parts = (BS + keys_per_group - 1) / keys_per_group;
@@ -314,20 +384,33 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
   const int gid = lane >> 2, tig = lane & 3, G = HQ / H, kw = u0 + 16 * warp;
   __global const float *gate = ws + gate_off, *delta = ws + delta_off;
 
-  /* A fragments of this warp's keys kw + gid (lo) and kw + gid + 8 (hi) */
+  /* A fragments of this warp's keys kw + gid (lo) and kw + gid + 8 (hi), kv_afrag order */
 #if !KV_LOCAL
   uint4 kf[DKC][2], vf[DVC][2];
 #endif
+  {
+    long kr[2];
+    bool kok[2];
 #pragma unroll
-  for (int rh = 0; rh < 2; rh++) {
-    const int key = kw + gid + 8 * rh;
-    const long kr = blk.kstart + min(key, kend - 1);
+    for (int rh = 0; rh < 2; rh++) {
+      const int key = kw + gid + 8 * rh;
+      kok[rh] = key < kend;
+      kr[rh] = blk.kstart + min(key, kend - 1);
+    }
 #pragma unroll
-    for (int c = 0; c < DKC; c++)
-      KFRAG(c, rh) = LD8(k, TIDX(k, blk.b, kr, h) + 32 * c + 8 * tig, key < kend);
+    for (int c = 0; c < DKC; c++) {
+      const uint4 lo = LD8(k, TIDX(k, blk.b, kr[0], h) + 32 * c + 8 * tig, kok[0]);
+      const uint4 hi = LD8(k, TIDX(k, blk.b, kr[1], h) + 32 * c + 8 * tig, kok[1]);
+      KFRAG(c, 0) = kv_afrag(lo, hi, 0);
+      KFRAG(c, 1) = kv_afrag(lo, hi, 1);
+    }
 #pragma unroll
-    for (int c = 0; c < DVC; c++)
-      VFRAG(c, rh) = LD8(v, TIDX(v, blk.b, kr, h) + 32 * c + 8 * tig, key < kend);
+    for (int c = 0; c < DVC; c++) {
+      const uint4 lo = LD8(v, TIDX(v, blk.b, kr[0], h) + 32 * c + 8 * tig, kok[0]);
+      const uint4 hi = LD8(v, TIDX(v, blk.b, kr[1], h) + 32 * c + 8 * tig, kok[1]);
+      VFRAG(c, 0) = kv_afrag(lo, hi, 0);
+      VFRAG(c, 1) = kv_afrag(lo, hi, 1);
+    }
   }
   const float sl2 = scale * M_LOG2E_F;
   float ak[DK / 8][4], av[DV / 8][4];
@@ -339,67 +422,93 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
   __global const uint *mrow = mask + mask_off + (long)srow * NCH;
   const int wend = slot + 1 < offsets[srow + 1] ? sel[slot_word_off + slot + 1]
                                                 : (blk.tk + 31) / 32;
+  __local uint4 *rows = rbuf + warp * 2 * 16 * SRLD8, *rsc = sbuf + warp * 2 * 16;
+  /* the group's walk, MASK_WORDS words of the mask at a time (the same trip counts and
+   * barriers for every warp: nrows is the group's); each window stages its first step
+   * before its step loop, every step the next one */
   for (int w0 = sel[slot_word_off + slot]; w0 < wend; w0 += MASK_WORDS) {
-    const int nrows = mask_expand(mrow, w0, wend, words, list) * G;
-    for (int f0 = 0; f0 < nrows; f0 += 16) {
-      /* S^T = K Q^T and dP^T = V do^T over rows f0 .. f0 + 15: n-tile nt is rows 8nt ..
-       * 8nt + 7, B column gid row f0 + 8nt + gid; those q and do words stay for dk, dv */
+    const int nrows = mask_expand(mrow, w0, wend, words, list) * G, nsteps = (nrows + 15) / 16;
+    uint4 sc = sel_stage(rows, nsteps > 0, 0, nrows, list, blk, h, G, kend, TPASS(q),
+                         TPASS(dout), TPASS(lse), gate, delta, TQ, HQ);
+    cp_async_commit();
+    for (int s = 0; s < nsteps; s++) {
+      const int cur = s & 1;
+      /* stage cur was last read by step s - 2, stage cur ^ 1 by step s - 1: both free */
+      if (tig < 2) rsc[16 * cur + gid + 8 * tig] = sc;
+      sc = sel_stage(rows + 16 * SRLD8 * (cur ^ 1), s + 1 < nsteps, 16 * (s + 1), nrows, list,
+                     blk, h, G, kend, TPASS(q), TPASS(dout), TPASS(lse), gate, delta, TQ, HQ);
+      cp_async_commit();
+      cp_async_wait(1); /* this lane's copies of step s have landed */
+      warp_sync(wx);    /* and every lane's, with the scalars */
+      /* rw: the stage's row gid at unit tig (row 8nt + gid, a B column, at rw[8nt SRLD8]);
+       * rsc0: the scalars of row 2tig (row 8nt + 2tig + x, a C column, at rsc0[8nt + x]) */
+      __local const uint4 *rw = rows + 16 * SRLD8 * cur + gid * SRLD8 + tig;
+      __local const uint4 *rsc0 = rsc + 16 * cur + 2 * tig;
+      /* S^T = K Q^T and dP^T = V do^T over the step's rows: n-tile nt is rows 8nt .. 8nt
+       * + 7; each A fragment read once for both tiles (each tile's sums keep their order) */
       float st[2][4], dpt[2][4];
-      uint4 ob[DVC][2];
 #pragma unroll
       for (int nt = 0; nt < 2; nt++) {
-        const step_row r = walk_row(f0 + 8 * nt + gid, nrows, list, h, G);
-        const long qa = TIDX(q, blk.b, blk.kstart + r.t, r.hq) + 8 * tig;
-        const long oa = TIDX(dout, blk.b, blk.kstart + r.t, r.hq) + 8 * tig;
         st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.0f;
         dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.0f;
-#pragma unroll
-        for (int c = 0; c < DKC; c++) {
-          mma_dims(st[nt], KFRAG(c, 0), KFRAG(c, 1), LD8(q, qa + 32 * c, r.ok), wx);
-        }
-#pragma unroll
-        for (int c = 0; c < DVC; c++) {
-          ob[c][nt] = LD8(dout, oa + 32 * c, r.ok);
-          mma_dims(dpt[nt], VFRAG(c, 0), VFRAG(c, 1), ob[c][nt], wx);
-        }
       }
-      /* element e of tile nt: key kw + gid + 8 (e >> 1), row f0 + 8nt + 2tig + (e & 1);
-       * st becomes g P (the weights of dv), dpt becomes dS */
+#pragma unroll
+      for (int c = 0; c < DKC; c++) {
+        const uint4 a0 = KFRAG(c, 0), a1 = KFRAG(c, 1);
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) mma_dims_kv(st[nt], a0, a1, rw[8 * nt * SRLD8 + 4 * c], wx);
+      }
+      /* no hazard here, but ptxas moves no local read across a warp_sync: without these
+       * two it hoists fragment reads over the mma (ptx_check, DK = DV = 128: 64 bytes of
+       * spill without them, 28 with; DK = 192: 424 and 28) */
+      warp_sync(wx);
+#pragma unroll
+      for (int c = 0; c < DVC; c++) {
+        const uint4 a0 = VFRAG(c, 0), a1 = VFRAG(c, 1);
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+          mma_dims_kv(dpt[nt], a0, a1, rw[8 * nt * SRLD8 + DK / 8 + 4 * c], wx);
+      }
+      warp_sync(wx);
+      /* element e of tile nt: key kw + gid + 8 (e >> 1), row 8nt + 2tig + (e & 1); st
+       * becomes g P (the weights of dv), dpt becomes dS */
 #pragma unroll
       for (int nt = 0; nt < 2; nt++) {
 #pragma unroll
         for (int x = 0; x < 2; x++) {
-          const step_row r = walk_row(f0 + 8 * nt + 2 * tig + x, nrows, list, h, G);
-          const long rs = ((long)blk.b * TQ + blk.kstart + r.t) * HQ + r.hq;
-          const float l2 = r.ok ? lse[TIDX(lse, blk.b, blk.kstart + r.t, r.hq)] * M_LOG2E_F : 0.0f;
-          const float dl = r.ok ? delta[rs] : 0.0f, g = r.ok ? gate[rs] : 0.0f;
+          const uint4 r = rsc0[8 * nt + x];
+          const int lim = (int)r.w;
+          const bool ok = lim > 0;
+          const float l2 = ok ? as_float(r.x) * M_LOG2E_F : 0.0f;
+          const float dl = ok ? as_float(r.y) : 0.0f, g = ok ? as_float(r.z) : 0.0f;
 #pragma unroll
           for (int kh = 0; kh < 2; kh++) {
-            const int key = kw + gid + 8 * kh, e = 2 * kh + x;
-            const bool in = r.ok && key < kend && key <= r.t;
-            const float p = in ? exp2(st[nt][e] * sl2 - l2) : 0.0f;
+            const int e = 2 * kh + x;
+            const float p = kw + gid + 8 * kh < lim ? exp2(st[nt][e] * sl2 - l2) : 0.0f;
             st[nt][e] = g * p;
             dpt[nt][e] = p * (g * dpt[nt][e] - dl);
           }
         }
       }
-      /* dv += (g P)^T do, dk += dS^T Q over the step's 16 rows */
+      /* dv += (g P)^T do, dk += dS^T Q over the step's 16 rows (B: the staged rows gid
+       * and gid + 8 again, through movmatrix) */
       const afrag apg = pack_a(st[0], st[1]), ads = pack_a(dpt[0], dpt[1]);
 #pragma unroll
-      for (int c = 0; c < DVC; c++) mma_rows(av + 4 * c, apg, ob[c][0], ob[c][1], wx);
-      const step_row rlo = walk_row(f0 + gid, nrows, list, h, G);
-      const step_row rhi = walk_row(f0 + gid + 8, nrows, list, h, G);
-      const long qlo = TIDX(q, blk.b, blk.kstart + rlo.t, rlo.hq) + 8 * tig;
-      const long qhi = TIDX(q, blk.b, blk.kstart + rhi.t, rhi.hq) + 8 * tig;
+      for (int c = 0; c < DVC; c++)
+        mma_rows(av + 4 * c, apg, rw[DK / 8 + 4 * c], rw[8 * SRLD8 + DK / 8 + 4 * c], wx);
 #pragma unroll
-      for (int c = 0; c < DKC; c++)
-        mma_rows(ak + 4 * c, ads, LD8(q, qlo + 32 * c, rlo.ok), LD8(q, qhi + 32 * c, rhi.ok), wx);
+      for (int c = 0; c < DKC; c++) mma_rows(ak + 4 * c, ads, rw[4 * c], rw[8 * SRLD8 + 4 * c], wx);
+      warp_sync(wx); /* stage cur consumed before step s + 2 refills it */
     }
   }
+  cp_async_wait(0);
 
-  /* slot-major partial rows (slot * BS + key in block), as bwd_dkdv_selected */
+  /* slot-major partial rows (slot * BS + key in block), as bwd_dkdv_selected; the slot
+   * and block read again: they need not stay in registers through the walk */
   __global float *dk = ws + dk_off, *dv = ws + dv_off;
-  const long base = (long)slot * BS + kw - blk.c * BS;
+  const int slot2 = get_group_id(0) / parts;
+  const crow blk2 = locate_block(cu, nseq, NB, TK, sel[slot_row_off + slot2] % (B * NB));
+  const long base = (long)slot2 * BS + kw - blk2.c * BS;
 #pragma unroll
   for (int kh = 0; kh < 2; kh++) {
     const int key = gid + 8 * kh;

@@ -279,10 +279,20 @@ static bool bwd_mma_fits(const nsa_dims *d, const clnsa_inputs *in, const clnsa_
 
 #define BWD_MMA_MASK_WORDS 16
 
+/* Local bytes a warp of bwd_dkdv_selected_mma holds (its kvl, rbuf, sbuf): the k and v A
+ * fragment slots of its 16 keys (2 (DK/32 + DV/32) 16-byte slots a lane) and two stages
+ * of 16 rows (q and do, SRLD8 16-byte units a row) with their 16-byte scalars. */
+static size_t sel_dkdv_warp_bytes(const nsa_dims *d) {
+  const size_t rld8 = ((size_t)(d->DK + d->DV) / 8) | 4; /* SRLD8 */
+  return 16 * 32 * 2 * (size_t)(d->DK / 32 + d->DV / 32) + 2 * 16 * 16 * (rld8 + 1);
+}
+
 /* Warps per group of the two kernels and whether their local arrays fit: dq takes 2
  * warps that split a token's key slots (H100, bf16 G=16 D=128: backward 14.6 / 178.5 ms at
  * 8k / 64k with 2, 15.3 / 184.3 with 4, 18.3 / 207 with 8); dkdv one warp per 16 keys of a
- * block, up to 4. The emulation runs one warp per group. */
+ * block, up to 4, lowered until the group fits local memory: with its staged rows a warp
+ * holds 26.5 KiB at DK = DV = 128 (1 warp a group in NVIDIA's 48 KiB), 9.5 KiB at DK =
+ * 64, DV = 32 (4 warps). The emulation runs one warp per group. */
 static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool emulate,
                               bwd_plan *p) {
   const int per_block = (d->BS + 15) / 16;
@@ -291,13 +301,17 @@ static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool 
   p->cq_nw = emulate ? 1 : tuning_env_int("BWD_CQ_NW", 4, 1);
   p->ckv_nw = emulate ? 1 : tuning_env_int("BWD_CKV_NW", 1, 1);
   p->kv_nw = emulate ? 1 : per_block < 4 ? per_block : 4;
-  const size_t scratch = emulate ? 4 * 32 * 6 : 0;
+  if (ctx->info.local_mem <= 1024) return false;
+  const size_t scratch = emulate ? 4 * 32 * 6 : 0, room = ctx->info.local_mem - 1024;
   const size_t dq_bytes = 4 * (3 * (size_t)CLNSA_MAX_BLOCK_COUNT + 16 * ((size_t)d->DK + 4));
-  const size_t kv_bytes = 4 * 33 * (size_t)BWD_MMA_MASK_WORDS +
-                          16 * 2 * (size_t)(d->DK / 32 + d->DV / 32) * 32 * p->kv_nw;
+  const size_t kv_list = 4 * 33 * (size_t)BWD_MMA_MASK_WORDS, kv_warp = sel_dkdv_warp_bytes(d);
+  while (p->kv_nw > 1 && kv_list + kv_warp * p->kv_nw + scratch > room) p->kv_nw--;
+  const size_t kv_bytes = kv_list + kv_warp * p->kv_nw;
   const size_t most = dq_bytes > kv_bytes ? dq_bytes : kv_bytes;
   const int nw = p->dq_nw > p->kv_nw ? p->dq_nw : p->kv_nw;
-  return (size_t)(32 * nw) <= ctx->info.max_wg && most + scratch + 1024 <= ctx->info.local_mem;
+  /* DK + DV above 320 (DK = 256 with DV = 128) fits one dk/dv warp since its rows are
+   * staged, but has not run on hardware: it keeps the portable pair */
+  return d->DK + d->DV <= 320 && (size_t)(32 * nw) <= ctx->info.max_wg && most + scratch <= room;
 }
 
 /* Local bytes a warp of bwd_dkdv_compressed_mma holds (its kvl, rbuf, sbuf): the A
