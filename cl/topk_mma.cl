@@ -4,7 +4,7 @@
  * cl/attend_mma.cl).
  *
  * A warp owns TPW consecutive query tokens of one sequence, TPW a power of two up to
- * 16 / G: its 16 rows (token u, head g at row u G + g) are one mma tile. The host lowers
+ * 16 MT / G: its 16 MT rows (token u, head g at row u G + g) are MT mma tiles. The host lowers
  * TPW below 16 / G where local memory cannot hold NW x TPW x CAP importances (G = 1 at
  * T = 65536: 16 x 1024 floats are 64 KiB, NVIDIA gives 48); the rows from TPW G on are
  * then idle, treated like rows past the end of the sequence (zero q fragments, nothing
@@ -18,6 +18,9 @@
  * of a warp-wide argmax (importance descending, block index ascending on ties; NaN sorts
  * below every number, +inf is clamped as in cl/topk.cl), each winner marked taken. The n
  * chosen blocks are written in ascending order, then -1 up to S.
+ * With MT = 2 a warp holds two 16-row m-tiles (32 rows, up to 32 / G tokens) that share
+ * every staged k_cmp fragment it reads: half the local-memory reads per mma, and twice the
+ * tokens per staged tile (the host takes it for G = 16).
  * The NW warps of a group score consecutive tokens against the same candidates, so the
  * group stages each tile of k_cmp in local memory once (coalesced 16-byte loads; f32 split
  * into hi and lo there) and every warp reads its B fragments from it: without that every
@@ -30,8 +33,12 @@
 #ifndef GQ
 #define GQ 16 /* query heads per kv head: 1, 2, 4, 8 or 16 */
 #endif
+#ifndef MT
+#define MT 1 /* 16-row m-tiles per warp: 2 halves the staged-tile reads per mma */
+#endif
+#define RH (2 * MT) /* rows per lane: gid + 8 x */
 #ifndef TPW
-#define TPW (16 / GQ) /* query tokens per warp: a power of two, TPW GQ <= 16 */
+#define TPW (16 * MT / GQ) /* query tokens per warp: a power of two, TPW GQ <= 16 MT */
 #endif
 #ifndef KT
 #define KT 32 /* candidates per step, a multiple of 16 */
@@ -54,8 +61,8 @@
 #if GQ != 1 && GQ != 2 && GQ != 4 && GQ != 8 && GQ != 16
 #error "topk_mma.cl: GQ must be 1, 2, 4, 8 or 16"
 #endif
-#if TPW < 1 || TPW * GQ > 16 || (TPW & (TPW - 1))
-#error "topk_mma.cl: TPW must be a power of two with TPW GQ <= 16"
+#if TPW < 1 || TPW * GQ > 16 * MT || (TPW & (TPW - 1)) || (MT != 1 && MT != 2)
+#error "topk_mma.cl: MT is 1 or 2, TPW a power of two with TPW GQ <= 16 MT"
 #endif
 #if WG != 32 * NW || KT % 16 || DK % 32
 #error "topk_mma.cl: WG = 32 NW, KT a multiple of 16, DK a multiple of 32"
@@ -148,13 +155,13 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
   __local float *imp = imp_l + warp * TPW * CAP;
   __local int *chosen = chosen_l + warp * SMAX;
 
-  /* This lane's rows gid and gid + 8: their tokens, q fragments, lse in log2 units. Rows
-   * from TPW GQ on are idle (with TPW GQ <= 8, every row gid + 8). */
-  topk_token tk[2];
-  float lse2[2];
-  uint4 qf[DKC][2];
+  /* This lane's rows gid + 8 rh (m-tile rh / 2): their tokens, q fragments, lse in log2
+   * units. Rows from TPW GQ on are idle (with TPW GQ <= 8, every row gid + 8). */
+  topk_token tk[RH];
+  float lse2[RH];
+  uint4 qf[DKC][RH];
 #pragma unroll
-  for (int rh = 0; rh < 2; rh++) {
+  for (int rh = 0; rh < RH; rh++) {
     const int r = gid + 8 * rh, g = r % GQ;
     const bool live = r < TPW * GQ;
     tk[rh] = token_facts(sq, live, tok0 + r / GQ, h, TPASS(bc), has_counts, S);
@@ -191,10 +198,12 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
 #endif
     }
     barrier(CLK_LOCAL_MEM_FENCE);
-    float sc[NT][4];
+    float sc[MT][NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
-      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++)
+        sc[mt][nt][0] = sc[mt][nt][1] = sc[mt][nt][2] = sc[mt][nt][3] = 0.0f;
 #pragma unroll
       for (int cc = 0; cc < DKC; cc++) {
         kpairs w;
@@ -202,45 +211,52 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
 #if KC_DT == 0
         w.lo = kst_lo[(8 * nt + gid) * KLD8 + 4 * cc + tig];
 #endif
-        const uint4 a = qf[cc][0], b = qf[cc][1];
-        mma_16816(sc[nt], a.x, b.x, a.y, b.y, w.hi.x, w.hi.y, wx);
-        mma_16816(sc[nt], a.z, b.z, a.w, b.w, w.hi.z, w.hi.w, wx);
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) { /* each staged fragment serves the MT m-tiles */
+          float *st = sc[mt][nt];
+          const uint4 a = qf[cc][2 * mt], b = qf[cc][2 * mt + 1];
+          mma_16816(st, a.x, b.x, a.y, b.y, w.hi.x, w.hi.y, wx);
+          mma_16816(st, a.z, b.z, a.w, b.w, w.hi.z, w.hi.w, wx);
 #if KC_DT == 0
-        mma_16816(sc[nt], a.x, b.x, a.y, b.y, w.lo.x, w.lo.y, wx);
-        mma_16816(sc[nt], a.z, b.z, a.w, b.w, w.lo.z, w.lo.w, wx);
+          mma_16816(st, a.x, b.x, a.y, b.y, w.lo.x, w.lo.y, wx);
+          mma_16816(st, a.z, b.z, a.w, b.w, w.lo.z, w.lo.w, wx);
 #endif
+        }
       }
     }
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-      float p[4];
+    for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-      for (int i = 0; i < 4; i++) {
-        const int rh = i >> 1, c = c0 + 8 * nt + 2 * tig + (i & 1);
-        const bool in = tk[rh].valid && c >= 1 && c < tk[rh].ic - 1;
-        p[i] = in ? exp2(sc[nt][i] * sl2 - lse2[rh]) : 0.0f;
-      }
-      /* sum over the G rows of each token: lanes whose gid differs in its low bits */
+      for (int nt = 0; nt < NT; nt++) {
+        float p[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          const int rh = 2 * mt + (i >> 1), c = c0 + 8 * nt + 2 * tig + (i & 1);
+          const bool in = tk[rh].valid && c >= 1 && c < tk[rh].ic - 1;
+          p[i] = in ? exp2(sc[mt][nt][i] * sl2 - lse2[rh]) : 0.0f;
+        }
+        /* sum over the G rows of each token: lanes whose gid differs in its low bits */
 #if GQ == 16
-      p[0] += p[2], p[1] += p[3];
+        p[0] += p[2], p[1] += p[3];
 #pragma unroll
-      for (int m = 4; m <= 16; m <<= 1) {
-        p[0] += shfl_xor(p[0], m, wx);
-        p[1] += shfl_xor(p[1], m, wx);
-      }
+        for (int m = 4; m <= 16; m <<= 1) {
+          p[0] += shfl_xor(p[0], m, wx);
+          p[1] += shfl_xor(p[1], m, wx);
+        }
 #else
 #pragma unroll
-      for (int m = 4; m < 4 * GQ; m <<= 1) {
+        for (int m = 4; m < 4 * GQ; m <<= 1) {
 #pragma unroll
-        for (int i = 0; i < 4; i++) p[i] += shfl_xor(p[i], m, wx);
-      }
+          for (int i = 0; i < 4; i++) p[i] += shfl_xor(p[i], m, wx);
+        }
 #endif
-      if (gid % GQ == 0) {
+        if (gid % GQ == 0) {
 #pragma unroll
-        for (int i = 0; i < (GQ == 16 ? 2 : 4); i++) {
-          const int rh = i >> 1, c = c0 + 8 * nt + 2 * tig + (i & 1);
-          if (c >= 1 && c < tk[rh].ic - 1 && tk[rh].valid)
-            imp[((gid + 8 * rh) / GQ) * CAP + c] = isnan(p[i]) ? -1.0f : fmin(p[i], IMP_MAX);
+          for (int i = 0; i < (GQ == 16 ? 2 : 4); i++) {
+            const int rh = 2 * mt + (i >> 1), c = c0 + 8 * nt + 2 * tig + (i & 1);
+            if (c >= 1 && c < tk[rh].ic - 1 && tk[rh].valid)
+              imp[((gid + 8 * rh) / GQ) * CAP + c] = isnan(p[i]) ? -1.0f : fmin(p[i], IMP_MAX);
+          }
         }
       }
     }

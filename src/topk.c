@@ -80,7 +80,7 @@ static clnsa_status topk_tune(clnsa_context *ctx, int dk, int g, topk_tuning *t)
 /* Shape of the tensor-core top-k (cl/topk_mma.cl): warps per group, query tokens per warp,
  * candidates per step, candidate slots per token. */
 typedef struct topk_mma_shape {
-  int nw, tpw, kt, cap;
+  int nw, mt, tpw, kt, cap;
 } topk_mma_shape;
 
 /* Local memory of cl/topk_mma.cl, mirroring its __local arrays: per warp TPW tokens x CAP
@@ -97,14 +97,15 @@ static size_t topk_mma_local_bytes(const nsa_dims *d, bool kc_f32, bool emulate,
  * bf16 q), G a power of two up to 16 (a token's rows inside one 16-row tile), DK in
  * 32-wide chunks, 16-byte rows. Each warp keeps TPW tokens x CAP candidate blocks of
  * importances in local memory, which long sequences outgrow (G = 1, T = 65536: 64 KiB per
- * warp at TPW = 16, NVIDIA gives 48). The first shape that fits wins, trying TPW = 16 / G
+ * warp at TPW = 16, NVIDIA gives 48). The first shape that fits wins, trying TPW = 16 MT / G
  * down to 1 (fewer tokens per warp leave mma rows idle, rather than leave the tensor
- * cores for the portable kernel), for each KT = 32 then 16 (32: 99 registers with f32 k_cmp,
- * tools/ptx_check.sh; 16 frees half the staged tile), for each NW = 4, 2, 1 (the emulation
- * runs one warp per group). So full tiles at KT = 32 win wherever they fit; G = 1,
- * T = 65536, DK = 128, f32 k_cmp in 48 KiB gets TPW = 8, KT = 16, NW = 1 (44548 bytes).
- * CLNSA_TUNE's TOPK_KT fixes KT, TOPK_TPW caps TPW (tests, experiments). Returns false
- * where the portable kernel runs. */
+ * cores for the portable kernel), for each NW = 4, 2, 1 (more tokens share each staged
+ * tile; the emulation runs one warp per group), for each KT = 32 then 16 (32: 99
+ * registers with f32 k_cmp, tools/ptx_check.sh; 16 frees half the staged tile). G = 1,
+ * T = 65536, DK = 128, f32 k_cmp in 48 KiB gets TPW = 8, NW = 1, KT = 16 (44548 bytes);
+ * G = 16 there MT = 2, TPW = 2, NW = 4, KT = 16. CLNSA_TUNE's TOPK_KT fixes KT, TOPK_TPW
+ * caps TPW, TOPK_MT sets MT (tests, experiments). Returns false where the portable kernel
+ * runs. */
 static bool topk_mma_shape_for(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
                                const clnsa_tensor *k_cmp, bool emulate, topk_mma_shape *m) {
   const clnsa_dtype dt = q->dtype;
@@ -119,16 +120,22 @@ static bool topk_mma_shape_for(clnsa_context *ctx, const nsa_dims *d, const clns
   if (m->cap < 1) m->cap = 1;
   const int kt_fixed = tuning_env_int("TOPK_KT", 0, 16);
   const int kts[2] = {kt_fixed ? kt_fixed : 32, 16}, nkt = kt_fixed ? 1 : 2;
-  const int tpw_cap = tuning_env_int("TOPK_TPW", 16, 1);
-  int tpw0 = 16 / G;
+  const int tpw_cap = tuning_env_int("TOPK_TPW", 32, 1);
+  /* MT = 2: two 16-row m-tiles a warp share each staged k_cmp fragment, for G = 16 (H100,
+   * bf16, f32 k_cmp, D = 128: 6.92 -> 6.03 ms at 64k with 16 candidates and 4 warps,
+   * 0.191 -> 0.199 ms at 8k; at G = 1 it lost at 8k, 0.183 -> 0.200). TOPK_MT overrides. */
+  m->mt = tuning_env_int("TOPK_MT", G == 16 ? 2 : 1, 1) >= 2 ? 2 : 1;
+  int tpw0 = 16 * m->mt / G;
   while (tpw0 > tpw_cap) tpw0 /= 2;
   for (m->tpw = tpw0; m->tpw >= 1; m->tpw /= 2)
-    for (int i = 0; i < nkt; i++)
-      for (m->kt = kts[i], m->nw = emulate ? 1 : 4; m->nw >= 1; m->nw /= 2)
+    for (m->nw = emulate ? 1 : 4; m->nw >= 1; m->nw /= 2)
+      for (int i = 0; i < nkt; i++) {
+        m->kt = kts[i];
         if (topk_mma_local_bytes(d, k_cmp->dtype == CLNSA_F32, emulate, m) <=
                 (size_t)ctx->info.local_mem &&
             (size_t)(32 * m->nw) <= ctx->info.max_wg)
           return true;
+      }
   return false;
 }
 
@@ -138,7 +145,7 @@ clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
                           enqueue_chain *c) {
   int mma = MMA_OFF;
   if (q->dtype != CLNSA_F32) CHECK_STATUS(mma_mode(ctx, &mma));
-  topk_mma_shape m = {0, 0, 0, 0};
+  topk_mma_shape m = {0, 0, 0, 0, 0};
   const bool tensor_cores =
       mma != MMA_OFF && topk_mma_shape_for(ctx, d, q, k_cmp, mma == MMA_EMULATED, &m);
   build_options o = {{0}, 0};
@@ -151,8 +158,9 @@ clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
     const size_t nseg = d->seqs ? (size_t)d->seqs->n : (size_t)d->B;
     tiles = (cl_int)((maxq + (size_t)per - 1) / (size_t)per);
     file = "warp_ops.cl+attend_setup.cl+topk_mma.cl", name = "topk_mma_select";
-    options_add(&o, "-DDK=%d -DWG=%d -DNW=%d -DGQ=%d -DTPW=%d -DCAP=%d -DBS=%d -DKT=%d -DMMA_DT=%d",
-                d->DK, 32 * m.nw, m.nw, d->G, m.tpw, m.cap, d->BS, m.kt, (int)q->dtype);
+    options_add(&o, "-DDK=%d -DWG=%d -DNW=%d -DGQ=%d -DMT=%d -DTPW=%d -DCAP=%d -DBS=%d -DKT=%d",
+                d->DK, 32 * m.nw, m.nw, d->G, m.mt, m.tpw, m.cap, d->BS, m.kt);
+    options_add(&o, " -DMMA_DT=%d", (int)q->dtype);
     options_add(&o, " -DWARP_EMULATE=%d", mma == MMA_EMULATED);
     local[0] = (size_t)(32 * m.nw);
     global[0] = nseg * (size_t)tiles * local[0];

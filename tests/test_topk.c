@@ -329,7 +329,9 @@ static int restore_tune(void **state) {
  * through CLNSA_TUNE=TOPK_TPW: the warp's rows from TPW G on are idle, and tokens advance
  * by TPW per warp. Many groups, own blocks well above S (candidates compete), and idle rows
  * both inside the first 8 rows (G = 1, TPW = 4) and as the whole second half (G = 4,
- * TPW = 2). Only where the tensor-core path is on (elsewhere TOPK_TPW changes nothing). */
+ * TPW = 2). Then the number of 16-row m-tiles a warp (CLNSA_TUNE=TOPK_MT; G = 16 takes
+ * two by default, 32 rows of two tokens): one at G = 16, two at G = 4 (eight tokens).
+ * Only where the tensor-core path is on (elsewhere the knobs change nothing). */
 static void test_topk_tensor_cores_tpw(void **state) {
   (void)state;
   if (clnsa_context_tensor_cores(ctx) == CLNSA_MMA_NONE) {
@@ -338,7 +340,7 @@ static void test_topk_tensor_cores_tpw(void **state) {
   }
   rng r = {harness_seed("topk tensor cores TPW")};
   // clang-format off
-  const char *tunes[] = {"TOPK_TPW=4", "TOPK_TPW=2", "TOPK_TPW=2"};
+  const char *tunes[] = {"TOPK_TPW=4", "TOPK_TPW=2", "TOPK_TPW=2", "TOPK_MT=1", "TOPK_MT=2"};
   const topk_case cases[] = {
       /* G = 1, TPW = 4 of 16: 38 groups per head, own blocks up to 37 with S = 6 */
       {1, 150, 0, 2, 2, 32, 4, 6, 0, {0}, {0}, false, false, BF16, F32, false},
@@ -349,6 +351,10 @@ static void test_topk_tensor_cores_tpw(void **state) {
        * dtypes), as kernel builds take most of this test's time on PoCL */
       {1, 95, 130, 8, 2, 64, 4, 4, 4, {0, 33, 33, 34, 95}, {0, 33, 40, 41, 130}, false, false,
        BF16, BF16, false},
+      /* G = 16 with one m-tile a warp (its default is two: MT = 2), f32 k_cmp */
+      {1, 70, 0, 32, 2, 64, 4, 5, 0, {0}, {0}, false, false, BF16, F32, false},
+      /* G = 4, MT = 2: eight tokens a warp; counts */
+      {1, 90, 0, 8, 2, 32, 4, 5, 0, {0}, {0}, true, false, BF16, BF16, false},
   };
   // clang-format on
   int ties = 0;
