@@ -123,39 +123,19 @@ inline float dscore(bool visible, float s, float dp, float sl2, float l2, float 
  * (no synchronisation): slot x of this lane is frag[x * stride], four words in the
  * register order of mma_16816's A, so that one 16-byte read feeds one mma. Slots 2c and
  * 2c + 1 hold the hi words of k chunk c (its dims in word pairs x, y, then z, w: see
- * afrag_words), then 2 DKC + 2c, + 1 those of v; the lo words follow in the same order
+ * kv_afrag), then 2 DKC + 2c, + 1 those of v; the lo words follow in the same order
  * from KV_SLOTS on (v's only with CV_SPLIT). */
 #define KV_SLOTS (2 * (DKC + DVC))
 #define KV_ALL (KV_SLOTS + 2 * DKC + CV_SPLIT * 2 * DVC) /* slots a lane holds */
-
-/* The A fragment words of keys gid (lo) and gid + 8 (hi) over one chunk (each lane's 16
- * bytes of each key, as loaded for mma_dims) in mma_16816's register order: half 0 the
- * dims of word pair x, y, half 1 those of z, w. */
-inline uint4 afrag_words(uint4 lo, uint4 hi, int w) {
-  return w ? (uint4)(lo.z, hi.z, lo.w, hi.w) : (uint4)(lo.x, hi.x, lo.y, hi.y);
-}
-
-/* mma_dims with the A words of afrag_words (a0: half 0, a1: half 1). */
-inline void mma_dims_a(float *acc, uint4 a0, uint4 a1, uint4 b, __local uint *wx) {
-  mma_16816(acc, a0.x, a0.y, a0.z, a0.w, b.x, b.y, wx);
-  mma_16816(acc, a1.x, a1.y, a1.z, a1.w, b.z, b.w, wx);
-}
-
-/* The 16 rows of a dk/dv step wait in local memory too (a stage; two per warp, the next
- * step's arriving by cp.async while this one computes): row r holds its q elements in
- * 16-byte units 0 .. DK/8 - 1 and its do elements from DK/8 on. Its row stride RLD8 (in
- * units) is 4 mod 8, so that the 8 lanes of a 16-byte access phase (rows gid, gid + 1 at
- * units 4c + tig) hit distinct banks, as KLD8's 64-byte padding does. Next to it, per row
- * (lse, delta, gate as f32 bits, lim): blocks below lim see the row (lim = 0 past the walk). */
-#define RLD8 (((DK + DV) / 8) | 4)
 
 /* dk (ak) and dv (av) of this warp's keys key0 + gid (+ 8) += the 16 rows of one step,
  * staged: rw = the stage's row gid at unit tig (row 8nt + gid, a B column, at rw[8nt RLD8]),
  * rs = the stage's scalars of row 2tig (row 8nt + 2tig + x, a C column, at rs[8nt + x]).
  * S^T = K Q^T and dP^T = V do^T (A = the keys, B = q and do rows), then dv += (g P)^T do
- * and dk += dS^T Q (B = the staged do and q rows again, through movmatrix). Rows past the
- * walk hold a copy of its last row; lim = 0 gives them P = dS = 0, as for every masked
- * pair. */
+ * and dk += dS^T Q (B = the staged do and q rows again, through movmatrix: dkdv_tail).
+ * The stage's layout (RLD8) and that tail are cl/attend_bwd_mma.cl's, shared with the
+ * selected dk/dv kernel. Rows past the walk hold a copy of its last row; lim = 0 gives
+ * them P = dS = 0, as for every masked pair. */
 /* always_inline: clang (PoCL, tools/ptx_check.sh) otherwise calls it, its array arguments
  * then going through the stack */
 inline __attribute__((always_inline)) void dkdv_step(float (*ak)[4], float (*av)[4],
@@ -163,7 +143,6 @@ inline __attribute__((always_inline)) void dkdv_step(float (*ak)[4], float (*av)
                                                      int key0, __local const uint4 *rw,
                                                      __local const uint4 *rs, float sl2,
                                                      __local uint *wx) {
-  const int lane = get_local_id(0) & 31, gid = lane >> 2;
   float st[2][4], dpt[2][4];
   zero_tiles(st, 2);
   zero_tiles(dpt, 2);
@@ -176,7 +155,7 @@ inline __attribute__((always_inline)) void dkdv_step(float (*ak)[4], float (*av)
     for (int c = 0; c < DKC; c++) {
       const uint4 a0 = f[2 * c * stride], a1 = f[(2 * c + 1) * stride];
 #pragma unroll
-      for (int nt = 0; nt < 2; nt++) mma_dims_a(st[nt], a0, a1, rw[8 * nt * RLD8 + 4 * c], wx);
+      for (int nt = 0; nt < 2; nt++) mma_dims_kv(st[nt], a0, a1, rw[8 * nt * RLD8 + 4 * c], wx);
     }
     /* no hazard here, but ptxas moves no local read across a warp_sync: without these
      * three it hoists the next pass's fragment reads over this pass's mma (at most 192
@@ -191,36 +170,11 @@ inline __attribute__((always_inline)) void dkdv_step(float (*ak)[4], float (*av)
       const uint4 a0 = f[2 * c * stride], a1 = f[(2 * c + 1) * stride];
 #pragma unroll
       for (int nt = 0; nt < 2; nt++)
-        mma_dims_a(dpt[nt], a0, a1, rw[8 * nt * RLD8 + DK / 8 + 4 * c], wx);
+        mma_dims_kv(dpt[nt], a0, a1, rw[8 * nt * RLD8 + DK / 8 + 4 * c], wx);
     }
   }
   warp_sync(wx);
-  /* element e of tile nt: key key0 + gid + 8 (e >> 1), row 8nt + 2tig + (e & 1); st
-   * becomes g P (the weights of dv), dpt becomes dS */
-#pragma unroll
-  for (int nt = 0; nt < 2; nt++) {
-#pragma unroll
-    for (int x = 0; x < 2; x++) {
-      const uint4 r = rs[8 * nt + x];
-      const int lim = (int)r.w;
-      const bool ok = lim > 0;
-      const float l2 = ok ? as_float(r.x) * M_LOG2E_F : 0.0f;
-      const float dl = ok ? as_float(r.y) : 0.0f, g = ok ? as_float(r.z) : 0.0f;
-#pragma unroll
-      for (int kh = 0; kh < 2; kh++) {
-        const int e = 2 * kh + x;
-        const float p = key0 + gid + 8 * kh < lim ? exp2(st[nt][e] * sl2 - l2) : 0.0f;
-        st[nt][e] = g * p;
-        dpt[nt][e] = p * (g * dpt[nt][e] - dl);
-      }
-    }
-  }
-  const afrag apg = pack_a(st[0], st[1]), ads = pack_a(dpt[0], dpt[1]);
-#pragma unroll
-  for (int c = 0; c < DVC; c++)
-    mma_rows(av + 4 * c, apg, rw[DK / 8 + 4 * c], rw[8 * RLD8 + DK / 8 + 4 * c], wx);
-#pragma unroll
-  for (int c = 0; c < DKC; c++) mma_rows(ak + 4 * c, ads, rw[4 * c], rw[8 * RLD8 + 4 * c], wx);
+  dkdv_tail(ak, av, st, dpt, rw, rs, key0, sl2, wx);
 }
 
 /* Writes this warp's keys key0 + gid (+ 8), those below kend, as rows at + key - key0 of
@@ -472,7 +426,7 @@ __kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_
   (void)TK;
   __global const float *gate = ws + gate_off, *delta = ws + delta_off;
 
-  /* this lane's A fragment words of keys kw + gid and kw + gid + 8 (afrag_words) */
+  /* this lane's A fragment words of keys kw + gid and kw + gid + 8 (kv_afrag) */
   long kr[2];
   bool kok[2];
 #pragma unroll
@@ -489,8 +443,8 @@ __kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_
       split8_words(kc, TIDX(kc, sp.b, kr[rh], h) + 32 * x + 8 * tig, kok[rh], &hi[rh], &lo[rh]);
 #pragma unroll
     for (int w = 0; w < 2; w++) {
-      kvl[(2 * x + w) * S + lid] = afrag_words(hi[0], hi[1], w);
-      kvl[(KV_SLOTS + 2 * x + w) * S + lid] = afrag_words(lo[0], lo[1], w);
+      kvl[(2 * x + w) * S + lid] = kv_afrag(hi[0], hi[1], w);
+      kvl[(KV_SLOTS + 2 * x + w) * S + lid] = kv_afrag(lo[0], lo[1], w);
     }
   }
 #pragma unroll
@@ -501,9 +455,9 @@ __kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_
       split8_words(vc, TIDX(vc, sp.b, kr[rh], h) + 32 * x + 8 * tig, kok[rh], &hi[rh], &lo[rh]);
 #pragma unroll
     for (int w = 0; w < 2; w++) {
-      kvl[(2 * DKC + 2 * x + w) * S + lid] = afrag_words(hi[0], hi[1], w);
+      kvl[(2 * DKC + 2 * x + w) * S + lid] = kv_afrag(hi[0], hi[1], w);
 #if CV_SPLIT
-      kvl[(KV_SLOTS + 2 * DKC + 2 * x + w) * S + lid] = afrag_words(lo[0], lo[1], w);
+      kvl[(KV_SLOTS + 2 * DKC + 2 * x + w) * S + lid] = kv_afrag(lo[0], lo[1], w);
 #endif
     }
   }

@@ -41,7 +41,7 @@
  * as their only writer, accumulated in the fixed row order of the walk. The k and v A
  * fragments stay for the whole walk; they wait in local memory (each lane its own slots,
  * in mma register order, so no synchronisation) to leave the registers to the two
- * accumulators (DK/2 + DV/2 floats a lane). Each step's 16 rows (q and do, SRLD8-padded)
+ * accumulators (DK/2 + DV/2 floats a lane). Each step's 16 rows (q and do, RLD8-padded)
  * wait there too, in two stages per warp: the next step's rows arrive by cp.async (their
  * lse, delta, gate and mask limit by plain loads kept in registers for a step) while this
  * step computes, as in bwd_dkdv_compressed_mma (cl/attend_bwd_cmp_mma.cl), rather than
@@ -304,13 +304,52 @@ inline void mma_dims_kv(float *acc, uint4 a0, uint4 a1, uint4 b, __local uint *w
   mma_16816(acc, a1.x, a1.y, a1.z, a1.w, b.z, b.w, wx);
 }
 
-/* The 16 rows of a dk/dv step wait in local memory (a stage; two per warp, the next
+/* The 16 rows of a dk/dv step (this file's selected kernel and cl/attend_bwd_cmp_mma.cl's
+ * compressed one) wait in local memory (a stage; two per warp, the next
  * step's arriving by cp.async while this one computes): row r holds its q elements in
- * 16-byte units 0 .. DK/8 - 1 and its do elements from DK/8 on. The row stride SRLD8 (in
+ * 16-byte units 0 .. DK/8 - 1 and its do elements from DK/8 on. The row stride RLD8 (in
  * units) is 4 mod 8, so that the 8 lanes of a 16-byte access phase (rows gid, gid + 1 at
  * units 4c + tig) hit distinct banks. Next to it, per row (lse, delta, gate as f32 bits,
  * lim): keys below lim see the row (lim = 0 past the walk). */
-#define SRLD8 (((DK + DV) / 8) | 4)
+#define RLD8 (((DK + DV) / 8) | 4)
+
+/* The end of a dk/dv step of either dk/dv kernel: st = S^T and dpt = dP^T of this warp's
+ * keys key0 + gid (+ 8) against the step's rows 8nt + 2tig + x become g P and dS, from
+ * the rows' staged scalars rs[8nt + x] (lse, delta, gate bits, lim: keys below lim see
+ * the row); then dv += (g P)^T do and dk += dS^T Q with B = the staged rows again
+ * through movmatrix (rw: the stage's row gid at unit tig). */
+inline __attribute__((always_inline)) void dkdv_tail(float (*ak)[4], float (*av)[4],
+                                                     float (*st)[4], float (*dpt)[4],
+                                                     __local const uint4 *rw,
+                                                     __local const uint4 *rs, int key0,
+                                                     float sl2, __local uint *wx) {
+  const int gid = (get_local_id(0) & 31) >> 2;
+  /* element e of tile nt: key key0 + gid + 8 (e >> 1), row 8nt + 2tig + (e & 1) */
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++) {
+#pragma unroll
+    for (int x = 0; x < 2; x++) {
+      const uint4 r = rs[8 * nt + x];
+      const int lim = (int)r.w;
+      const bool ok = lim > 0;
+      const float l2 = ok ? as_float(r.x) * M_LOG2E_F : 0.0f;
+      const float dl = ok ? as_float(r.y) : 0.0f, g = ok ? as_float(r.z) : 0.0f;
+#pragma unroll
+      for (int kh = 0; kh < 2; kh++) {
+        const int e = 2 * kh + x;
+        const float p = key0 + gid + 8 * kh < lim ? exp2(st[nt][e] * sl2 - l2) : 0.0f;
+        st[nt][e] = g * p;
+        dpt[nt][e] = p * (g * dpt[nt][e] - dl);
+      }
+    }
+  }
+  const afrag apg = pack_a(st[0], st[1]), ads = pack_a(dpt[0], dpt[1]);
+#pragma unroll
+  for (int c = 0; c < DVC; c++)
+    mma_rows(av + 4 * c, apg, rw[DK / 8 + 4 * c], rw[8 * RLD8 + DK / 8 + 4 * c], wx);
+#pragma unroll
+  for (int c = 0; c < DKC; c++) mma_rows(ak + 4 * c, ads, rw[4 * c], rw[8 * RLD8 + 4 * c], wx);
+}
 
 #ifndef TPASS
 #define TPASS(t) t, t##_off, t##_s0, t##_s1, t##_s2 /* a CTENSOR passed on */
@@ -333,7 +372,7 @@ sel_stage(__local uint4 *rows, bool copy, int f0, int nrows, __local const int *
     r[rh] = walk_row(f0 + gid + 8 * rh, nrows, list, h, G);
     if (copy) {
       const long tok = blk.kstart + r[rh].t;
-      __local uint4 *d = rows + (gid + 8 * rh) * SRLD8 + tig;
+      __local uint4 *d = rows + (gid + 8 * rh) * RLD8 + tig;
       __global const STORAGE(Q_DT) *qr = q + TIDX(q, blk.b, tok, r[rh].hq) + 8 * tig;
       __global const STORAGE(DO_DT) *orow = dout + TIDX(dout, blk.b, tok, r[rh].hq) + 8 * tig;
 #pragma unroll
@@ -368,7 +407,7 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
 #if KV_LOCAL
   __local uint4 kvl[2 * (DKC + DVC) * 32 * KV_NW] __attribute__((aligned(16)));
 #endif
-  __local uint4 rbuf[KV_NW * 2 * 16 * SRLD8] __attribute__((aligned(16))); /* 2 stages a warp */
+  __local uint4 rbuf[KV_NW * 2 * 16 * RLD8] __attribute__((aligned(16))); /* 2 stages a warp */
   __local uint4 sbuf[KV_NW * 2 * 16] __attribute__((aligned(16)));         /* their scalars */
   WARP_SCRATCH(wx);
   __global const int *offsets = sel + offsets_off;
@@ -422,7 +461,7 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
   __global const uint *mrow = mask + mask_off + (long)srow * NCH;
   const int wend = slot + 1 < offsets[srow + 1] ? sel[slot_word_off + slot + 1]
                                                 : (blk.tk + 31) / 32;
-  __local uint4 *rows = rbuf + warp * 2 * 16 * SRLD8, *rsc = sbuf + warp * 2 * 16;
+  __local uint4 *rows = rbuf + warp * 2 * 16 * RLD8, *rsc = sbuf + warp * 2 * 16;
   /* the group's walk, MASK_WORDS words of the mask at a time (the same trip counts and
    * barriers for every warp: nrows is the group's); each window stages its first step
    * before its step loop, every step the next one */
@@ -435,14 +474,14 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
       const int cur = s & 1;
       /* stage cur was last read by step s - 2, stage cur ^ 1 by step s - 1: both free */
       if (tig < 2) rsc[16 * cur + gid + 8 * tig] = sc;
-      sc = sel_stage(rows + 16 * SRLD8 * (cur ^ 1), s + 1 < nsteps, 16 * (s + 1), nrows, list,
+      sc = sel_stage(rows + 16 * RLD8 * (cur ^ 1), s + 1 < nsteps, 16 * (s + 1), nrows, list,
                      blk, h, G, kend, TPASS(q), TPASS(dout), TPASS(lse), gate, delta, TQ, HQ);
       cp_async_commit();
       cp_async_wait(1); /* this lane's copies of step s have landed */
       warp_sync(wx);    /* and every lane's, with the scalars */
-      /* rw: the stage's row gid at unit tig (row 8nt + gid, a B column, at rw[8nt SRLD8]);
+      /* rw: the stage's row gid at unit tig (row 8nt + gid, a B column, at rw[8nt RLD8]);
        * rsc0: the scalars of row 2tig (row 8nt + 2tig + x, a C column, at rsc0[8nt + x]) */
-      __local const uint4 *rw = rows + 16 * SRLD8 * cur + gid * SRLD8 + tig;
+      __local const uint4 *rw = rows + 16 * RLD8 * cur + gid * RLD8 + tig;
       __local const uint4 *rsc0 = rsc + 16 * cur + 2 * tig;
       /* S^T = K Q^T and dP^T = V do^T over the step's rows: n-tile nt is rows 8nt .. 8nt
        * + 7; each A fragment read once for both tiles (each tile's sums keep their order) */
@@ -456,7 +495,7 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
       for (int c = 0; c < DKC; c++) {
         const uint4 a0 = KFRAG(c, 0), a1 = KFRAG(c, 1);
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++) mma_dims_kv(st[nt], a0, a1, rw[8 * nt * SRLD8 + 4 * c], wx);
+        for (int nt = 0; nt < 2; nt++) mma_dims_kv(st[nt], a0, a1, rw[8 * nt * RLD8 + 4 * c], wx);
       }
       /* no hazard here, but ptxas moves no local read across a warp_sync: without these
        * two it hoists fragment reads over the mma (ptx_check, DK = DV = 128: 64 bytes of
@@ -467,37 +506,10 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
         const uint4 a0 = VFRAG(c, 0), a1 = VFRAG(c, 1);
 #pragma unroll
         for (int nt = 0; nt < 2; nt++)
-          mma_dims_kv(dpt[nt], a0, a1, rw[8 * nt * SRLD8 + DK / 8 + 4 * c], wx);
+          mma_dims_kv(dpt[nt], a0, a1, rw[8 * nt * RLD8 + DK / 8 + 4 * c], wx);
       }
       warp_sync(wx);
-      /* element e of tile nt: key kw + gid + 8 (e >> 1), row 8nt + 2tig + (e & 1); st
-       * becomes g P (the weights of dv), dpt becomes dS */
-#pragma unroll
-      for (int nt = 0; nt < 2; nt++) {
-#pragma unroll
-        for (int x = 0; x < 2; x++) {
-          const uint4 r = rsc0[8 * nt + x];
-          const int lim = (int)r.w;
-          const bool ok = lim > 0;
-          const float l2 = ok ? as_float(r.x) * M_LOG2E_F : 0.0f;
-          const float dl = ok ? as_float(r.y) : 0.0f, g = ok ? as_float(r.z) : 0.0f;
-#pragma unroll
-          for (int kh = 0; kh < 2; kh++) {
-            const int e = 2 * kh + x;
-            const float p = kw + gid + 8 * kh < lim ? exp2(st[nt][e] * sl2 - l2) : 0.0f;
-            st[nt][e] = g * p;
-            dpt[nt][e] = p * (g * dpt[nt][e] - dl);
-          }
-        }
-      }
-      /* dv += (g P)^T do, dk += dS^T Q over the step's 16 rows (B: the staged rows gid
-       * and gid + 8 again, through movmatrix) */
-      const afrag apg = pack_a(st[0], st[1]), ads = pack_a(dpt[0], dpt[1]);
-#pragma unroll
-      for (int c = 0; c < DVC; c++)
-        mma_rows(av + 4 * c, apg, rw[DK / 8 + 4 * c], rw[8 * SRLD8 + DK / 8 + 4 * c], wx);
-#pragma unroll
-      for (int c = 0; c < DKC; c++) mma_rows(ak + 4 * c, ads, rw[4 * c], rw[8 * SRLD8 + 4 * c], wx);
+      dkdv_tail(ak, av, st, dpt, rw, rsc0, kw, sl2, wx);
       warp_sync(wx); /* stage cur consumed before step s + 2 refills it */
     }
   }

@@ -281,9 +281,9 @@ static bool bwd_mma_fits(const nsa_dims *d, const clnsa_inputs *in, const clnsa_
 
 /* Local bytes a warp of bwd_dkdv_selected_mma holds (its kvl, rbuf, sbuf): the k and v A
  * fragment slots of its 16 keys (2 (DK/32 + DV/32) 16-byte slots a lane) and two stages
- * of 16 rows (q and do, SRLD8 16-byte units a row) with their 16-byte scalars. */
+ * of 16 rows (q and do, RLD8 16-byte units a row) with their 16-byte scalars. */
 static size_t sel_dkdv_warp_bytes(const nsa_dims *d) {
-  const size_t rld8 = ((size_t)(d->DK + d->DV) / 8) | 4; /* SRLD8 */
+  const size_t rld8 = ((size_t)(d->DK + d->DV) / 8) | 4; /* RLD8 */
   return 16 * 32 * 2 * (size_t)(d->DK / 32 + d->DV / 32) + 2 * 16 * 16 * (rld8 + 1);
 }
 
