@@ -203,7 +203,9 @@ static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d
    * with one m-tile and 16 keys (MT=2 with 16 keys: 0.340 / 11.1). The window branch
    * keeps one m-tile (no change on the dense 8k run) and 32 keys (16 with the split). */
   c->mt = mode == MODE_SELECTED ? 1 : tuning_env_int("MMA_MT", mode == MODE_COMPRESSED ? 2 : 1, 1);
-  const int keys = mode == MODE_SELECTED || (split && c->mt == 1) ? 16 : 32;
+  /* the emulation (tests on CPUs) takes 16 keys: with two m-tiles, 32 keys unroll into
+   * hundreds of emulated mma, each two barriers, that PoCL compiles for minutes */
+  const int keys = mode == MODE_SELECTED || (split && c->mt == 1) || emulate ? 16 : 32;
   c->kt = tuning_env_int("MMA_KT", keys, 16);
   c->vearly = mode == MODE_SELECTED ? tuning_env_int("VEARLY", split ? 0 : 1, 0) : 0;
   size_t bytes = mma_rows_layout(mode, d, nw, c->mt, c);
