@@ -16,8 +16,13 @@
  * The importances land in local memory, one array of CAP slots per token.
  * Selection then runs per token, by the whole warp: the forced blocks first, then rounds
  * of a warp-wide argmax (importance descending, block index ascending on ties; NaN sorts
- * below every number, +inf is clamped as in cl/topk.cl), each winner marked taken. The n
- * chosen blocks are written in ascending order, then -1 up to S.
+ * below every number, +inf is clamped as in cl/topk.cl), each winner marked taken. Lane l
+ * owns the column of candidates 1 + l + 32 j and keeps its best in registers, found by one
+ * scan per token; a round is a butterfly over the 32 column bests, then the winner's
+ * column alone is rescanned by the whole warp (one local read a lane, a second
+ * butterfly). Rescanning every candidate each round (up to 32 dependent local reads a
+ * lane) made the selection most of the kernel's time where few warps fit an SM (G = 1,
+ * T = 65536). The n chosen blocks are written in ascending order, then -1 up to S.
  * With MT = 2 a warp holds two 16-row m-tiles (32 rows, up to 32 / G tokens) that share
  * every staged k_cmp fragment it reads: half the local-memory reads per mma, and twice the
  * tokens per staged tile (the host takes it for G = 16).
@@ -83,6 +88,17 @@
 
 inline bool topk_ahead(float ka, int ia, float kb, int ib) {
   return ka > kb || (ka == kb && ia < ib);
+}
+
+/* Butterfly argmax over the warp's (key, index) pairs by topk_ahead: a strict order on
+ * pairs (keys are never NaN here), so every lane ends with the same winner. */
+inline void warp_best(float *key, int *idx, __local uint *wx) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float ok = shfl_xor(*key, off, wx);
+    const int oi = as_int(shfl_xor(as_float(*idx), off, wx));
+    if (topk_ahead(ok, oi, *key, *idx)) *key = ok, *idx = oi;
+  }
 }
 
 /* 8 k_cmp elements at element index i as bf16/f16 pairs; f32 keeps the rounding residue. */
@@ -275,24 +291,39 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
     const int m = min(k.n, k.forced);
     if (lane < m) chosen[lane] = lane == 0 ? k.ic : lane == 1 ? k.ic - 1 : 0;
     __local float *key = imp + u * CAP;
-    for (int round = m; round < k.n; round++) {
+    /* Column l = lane holds candidates 1 + l + 32 j; (bk, bc_) is its best, the sentinel
+     * (below KEY_TAKEN and every importance) where the column is empty. A round takes the
+     * best of the 32 column bests, which is the best of all candidates; only the winner's
+     * column changes, so only it is scanned again. Rounds never run out of untaken
+     * candidates (k.n - forced < IC - 2), so a taken key never wins. */
+    if (m < k.n) {
       float bk = -3.0f;
       int bc_ = 0x7fffffff;
       for (int c = 1 + lane; c < k.ic - 1; c += 32) {
         const float kv = key[c];
         if (topk_ahead(kv, c, bk, bc_)) bk = kv, bc_ = c;
       }
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const float ok = shfl_xor(bk, off, wx);
-        const int oc = as_int(shfl_xor(as_float(bc_), off, wx));
-        if (topk_ahead(ok, oc, bk, bc_)) bk = ok, bc_ = oc;
+      for (int round = m; round < k.n; round++) {
+        float wk = bk;
+        int wc = bc_;
+        warp_best(&wk, &wc, wx);
+        if (lane == 0) {
+          chosen[round] = wc;
+          key[wc] = KEY_TAKEN;
+        }
+        warp_sync(wx); /* the rescan below must read KEY_TAKEN at wc */
+        /* Column col again, lane j reading its candidate 1 + col + 32 j (and every 32nd j
+         * after, for CAP > 1024); its owner keeps the new best. */
+        const int col = (wc - 1) & 31;
+        float ck = -3.0f;
+        int cc = 0x7fffffff;
+        for (int c = 1 + col + 32 * lane; c < k.ic - 1; c += 32 * 32) {
+          const float kv = key[c];
+          if (topk_ahead(kv, c, ck, cc)) ck = kv, cc = c;
+        }
+        warp_best(&ck, &cc, wx);
+        if (lane == col) bk = ck, bc_ = cc;
       }
-      if (lane == 0) {
-        chosen[round] = bc_;
-        key[bc_] = KEY_TAKEN;
-      }
-      warp_sync(wx);
     }
     warp_sync(wx);
     for (int i = lane; i < k.n; i += 32) { /* ascending order */
