@@ -16,6 +16,15 @@
  *  - MODE 2: the group has 16 rows (one token's heads, or TPG tokens), and the warps split
  *    its key set: warp w takes key tiles w, w + NW, ... Each keeps its own softmax state;
  *    the partial outputs are merged in local memory at the end (flash-decoding style).
+ *  - MODE 3 (selected, kv-block-major; src/selected_kvm.c, for small G): the group owns one
+ *    block of one kv head and a chunk of the tokens that selected it (cl/select_mask.cl),
+ *    in passes of ROWS rows laid out as in MODE 0/1, and walks the block's keys with staged
+ *    tiles. Each row's result over that one block (output normalised by its own sum, and
+ *    its lse) goes to the row's partial slot, the position of the block in the token's
+ *    block_indices row; cl/selected_merge.cl then merges a row's slots. With G = 1 a MODE 2
+ *    tile packs 16 tokens whose block lists barely overlap, so each token reads its 16
+ *    blocks' K/V nearly alone and 15 of 16 rows of each mma are masked; here every K/V
+ *    block is read once per chunk and every mma row is a real (token, head).
  *
  * MODE 2 uses no local memory in the main loop (a token's blocks serve its 16 rows only):
  * every operand is read straight from global memory into the register layout of an mma
@@ -74,7 +83,7 @@
 #endif
 #define RH (2 * MT) /* rows per lane: gid + 8 x */
 #ifndef TOK_LOCAL /* 1: rows' tokens and heads stay in local memory, not in registers */
-#define TOK_LOCAL (MODE == 1)
+#define TOK_LOCAL (MODE == 1 || MODE == 3)
 #endif
 #ifndef STAGE /* 1: the group stages each K/V tile in local memory once for all its warps */
 #define STAGE (MODE != 2)
@@ -175,7 +184,12 @@ inline pairs8 load8_16(__global const ushort *p, long i, bool ok) {
 
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     CTENSOR(Q_DT, q), CTENSOR(K_DT, k), CTENSOR(V_DT, v), CITENSOR(bi), TENSOR(O_DT, o),
-    TENSOR(0, lse), SEQ_ARGS, float scale, int W, int S, int tiles) {
+    TENSOR(0, lse), SEQ_ARGS, float scale, int W, int S, int tiles
+#if MODE == 3
+    , __global const uint *mask, long mask_off, int NCH, __global const int *sel, long offsets_off,
+    long slot_row_off, long slot_word_off
+#endif
+) {
   __local int rtok[ROWS], rhq[ROWS], rlo[ROWS], rhi[ROWS];
 #if MODE == 2
   __local float part_m[NW * 16], part_l[NW * 16];
@@ -194,6 +208,9 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #elif MODE == 2
   __local int list[MAX_S], tmp[MAX_S];
   __local uint msk[1];
+#elif MODE == 3
+  __local int list[LCAP], tslot[LCAP];
+  __local uint words[32], msk[1];
 #else
   __local int list[1];
   __local uint msk[1];
@@ -209,10 +226,24 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #endif
   WARP_SCRATCH(wx);
   const attend_rows rows = {rtok, rhq, rlo, rhi};
-  const int h = get_group_id(1), G = HQ / H, lid = get_local_id(0);
+#if MODE == 3
+  const kvm_chunk kc = kvm_setup(mask, mask_off, NCH, sel, offsets_off, slot_row_off, slot_word_off,
+                                 TPASS(bi), S, SEQ_PASS, words, list, tslot);
+  if (kc.ntok < 0) return; /* past the last chunk: the whole group */
+  const int h = kc.h;
+#else
+  const int h = get_group_id(1);
+#endif
+  const int G = HQ / H, lid = get_local_id(0);
   const int lane = lid & 31, warp = lid >> 5, gid = lane >> 2, tig = lane & 3;
   attend_group grp;
-#if MODE == 2 && TPG > 1
+#if MODE == 3
+  (void)W, (void)tiles;
+  /* passes of ROWS rows over the chunk's rows; the block's K/V tiles are staged again in
+   * each (they come from L2: a pass's q rows are as many bytes) */
+  for (int pass = 0; pass < (kc.ntok * G + ROWS - 1) / ROWS; pass++) {
+  kvm_rows(kc, pass, G, list, &grp, rows);
+#elif MODE == 2 && TPG > 1
   (void)W, (void)B;
   attend_seq sq; /* no early return past the sequence: idle groups run with no tokens */
   const int t0 = selected_tile(cu, nseq, TQ, TK, tiles, &sq);
@@ -503,12 +534,17 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   (void)lse, (void)lse_off, (void)lse_s0, (void)lse_s1, (void)lse_s2;
 #endif
 
-#else /* MODE 0/1: each warp writes its own rows */
+#else /* MODE 0/1/3: each warp writes its own rows (MODE 3: into the row's partial slot) */
+#if MODE == 3
+#define ROW_SLOT(rh) tslot[(pass * ROWS + rbase + gid + 8 * (rh)) / G]
+#else
+#define ROW_SLOT(rh) 0
+#endif
 #pragma unroll
   for (int rh = 0; rh < RH; rh++) {
     if (ROW_TOK(rh) < 0) continue;
     const float inv = l[rh] > 0.0f ? 1.0f / l[rh] : 0.0f;
-    const long base = TIDX(o, grp.b, ROW_TOK(rh), ROW_HQ(rh));
+    const long base = TIDX(o, grp.b, ROW_TOK(rh), ROW_HQ(rh)) + (long)ROW_SLOT(rh) * DV;
 #pragma unroll
     for (int c = 0; c < DVC; c++) {
 #pragma unroll
@@ -520,12 +556,16 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     }
 #if HAS_LSE
     if (tig == 0)
-      lse[TIDX(lse, grp.b, ROW_TOK(rh), ROW_HQ(rh))] =
+      lse[TIDX(lse, grp.b, ROW_TOK(rh), ROW_HQ(rh)) + ROW_SLOT(rh)] =
           l[rh] > 0.0f ? (m[rh] + log2(l[rh])) * M_LN2_F : -INFINITY;
 #endif
   }
 #if !HAS_LSE
   (void)lse, (void)lse_off, (void)lse_s0, (void)lse_s1, (void)lse_s2;
 #endif
+#endif
+#if MODE == 3
+  LBARRIER(); /* the pass's rows and staged tiles consumed before the next pass */
+  }
 #endif
 }

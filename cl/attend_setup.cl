@@ -1,11 +1,13 @@
 /* Row and key-set setup shared by the attention forward kernels, cl/attend.cl (portable)
  * and cl/attend_mma.cl (NVIDIA tensor cores): which query rows a work-group owns and which
  * keys each of them sees, in the MODE 0 (compressed), 1 (window) and 2 (selected) layouts
- * described at the top of cl/attend.cl. Prepended to either kernel file by the host
- * ("attend_setup.cl+attend.cl"), after cl/common.cl.
+ * described at the top of cl/attend.cl, and MODE 3 (selected, kv-block-major: one block,
+ * the tokens that chose it; cl/attend_mma.cl only, see its header). Prepended to either
+ * kernel file by the host ("attend_setup.cl+attend.cl"), after cl/common.cl.
  *
  * Needs MODE, BS, ROWS (rows of the group's tile), WG (work-items), TPG and UCAP
- * (MODE 2 token packing); the host passes them all as -D options.
+ * (MODE 2 token packing), LCAP (MODE 3: tokens a chunk holds at most); the host passes
+ * them all as -D options.
  */
 #ifndef MODE
 #define MODE 1
@@ -230,6 +232,86 @@ inline void setup_selected_multi(attend_seq sq, int t0, int G, int h, CITENSOR(b
     rows.hq[r] = h * G + r - u * G;
     rows.lo[r] = ok ? u : 0;
     rows.hi[r] = ok ? p0 + u + 1 : 0;
+  }
+}
+#endif
+
+#if MODE == 3
+/* MODE 3: the group is chunk slot (group id) of the selection mask of cl/select_mask.cl
+ * (mask rows, chunk offsets, slot_row and slot_word as that file describes): kv head h,
+ * block c of one sequence, and the tokens of that chunk, all of whom listed c. */
+typedef struct kvm_chunk {
+  int h, ntok; /* kv head; tokens in list[] (-1: the slot lies past the last chunk) */
+  crow blk;    /* the block: batch element, index c, its sequence's first key and length */
+} kvm_chunk;
+
+/* The chunk's tokens (positions in their sequence, increasing) into list[], and for each
+ * the first slot of its block_indices row that names c into tslot[] (where the partial
+ * result goes). words[] holds 32 mask words. Contains barriers: call from every item. */
+inline kvm_chunk kvm_setup(__global const uint *mask, long mask_off, int NCH,
+                           __global const int *sel, long offsets_off, long slot_row_off,
+                           long slot_word_off, CITENSOR(bi), int S, SEQ_ARGS,
+                           __local uint *words, __local int *list, __local int *tslot) {
+  kvm_chunk k;
+  const int lid = get_local_id(0), slot = get_group_id(0);
+  __global const int *offsets = sel + offsets_off;
+  (void)TQ, (void)HQ;
+  k.ntok = -1;
+  if (slot >= offsets[H * B * NB]) return k; /* uniform over the group */
+  const int srow = sel[slot_row_off + slot];
+  k.h = srow / (B * NB);
+  k.blk = locate_block(cu, nseq, NB, TK, srow % (B * NB));
+  const int w0 = sel[slot_word_off + slot];
+  const int wend = slot + 1 < offsets[srow + 1] ? sel[slot_word_off + slot + 1] : (k.blk.tk + 31) / 32;
+  __global const uint *mrow = mask + mask_off + (long)srow * NCH;
+  int n = 0;
+  for (int wb = w0; wb < wend; wb += 32) { /* 32 words a round, one per item */
+    LBARRIER();
+    for (int i = lid; i < 32; i += WG) words[i] = wb + i < wend ? mrow[wb + i] : 0u;
+    LBARRIER();
+    for (int i = lid; i < 32; i += WG) {
+      int before = 0;
+      for (int w = 0; w < i; w++) before += (int)popcount(words[w]);
+      const uint bits = words[i];
+      for (int x = 0; x < 32; x++)
+        if ((bits >> x) & 1u && n + before < LCAP) list[n + before++] = (wb + i) * 32 + x;
+    }
+    for (int w = 0; w < 32; w++) n += (int)popcount(words[w]);
+  }
+  LBARRIER();
+  k.ntok = min(n, LCAP); /* the host sizes LCAP for the longest chunk */
+  /* each token's first slot naming c: one (token, slot) pair an item, so the loads are
+   * independent and a token's S entries adjacent (a per-token scan was a chain of S
+   * dependent loads); the smallest slot wins through an integer local atomic */
+  for (int x = lid; x < k.ntok; x += WG) tslot[x] = S - 1;
+  LBARRIER();
+  for (int i = lid; i < k.ntok * S; i += WG) {
+    const int x = i / S, s = i - x * S;
+    if (bi[TIDX(bi, k.blk.b, k.blk.kstart + list[x], k.h) + s] == k.blk.c)
+      atomic_min(&tslot[x], s);
+  }
+  LBARRIER();
+  return k;
+}
+
+/* MODE 3: rows of pass `pass` (ROWS of the chunk's ntok G rows, token x at rows x G ..
+ * x G + G - 1); keys are the block's, numbered from its first (grp->krow0), and a row sees
+ * those at or before its token's position. */
+inline void kvm_rows(kvm_chunk k, int pass, int G, __local const int *list,
+                     attend_group *grp, attend_rows rows) {
+  const int c0 = k.blk.c * BS, nkeys = min(BS, k.blk.tk - c0);
+  grp->b = k.blk.b;
+  grp->krow0 = k.blk.kstart + c0;
+  grp->lo = 0;
+  grp->hi = nkeys;
+  for (int r = get_local_id(0); r < ROWS; r += WG) {
+    const int f = pass * ROWS + r, x = f / G;
+    const bool ok = x < k.ntok;
+    const int t = ok ? list[x] : 0;
+    rows.tok[r] = ok ? k.blk.kstart + t : -1;
+    rows.hq[r] = k.h * G + f - x * G;
+    rows.lo[r] = 0;
+    rows.hi[r] = ok ? min(nkeys, t - c0 + 1) : 0;
   }
 }
 #endif

@@ -149,7 +149,7 @@ static clnsa_status attend_configure(clnsa_context *ctx, int mode, const nsa_dim
  * bf16 q (split into two bf16 terms: the whole forward's f32 k_cmp/v_cmp); head dims in
  * 32-wide chunks (the 16-byte fragment loads), rows aligned to 16 bytes, and head dims
  * the register budget holds: 128 for the accumulators, 256 for q (see PERFORMANCE.md). */
-static bool attend_mma_fits(const nsa_dims *d, const clnsa_tensor *q, const clnsa_tensor *k,
+bool attend_mma_fits(const nsa_dims *d, const clnsa_tensor *q, const clnsa_tensor *k,
                             const clnsa_tensor *v) {
   const clnsa_dtype dt = q->dtype;
   const bool split = dt == CLNSA_BF16;

@@ -82,7 +82,7 @@ static void scratch_layout(const nsa_dims *d, bwd_layout *l) {
   l->cmp_chunks = (int)p;
   l->cmp_tokens = len ? (int)((len + p - 1) / p) : 1;
   l->nch = (int)((len + 31) / 32);
-  l->slots = (size_t)d->H * ((size_t)d->B * d->TQ * d->S / SEL_CHUNK + (size_t)d->B * d->NB);
+  l->slots = select_mask_slots(d, SEL_CHUNK);
   size_t at = 0;
   l->gate = reserve(&at, 3 * nr);
   l->delta = reserve(&at, 3 * nr);
@@ -103,17 +103,8 @@ static void scratch_layout(const nsa_dims *d, bwd_layout *l) {
   l->end = at;
 }
 
-/* Backward is defined only where every sequence's queries are all its tokens. */
-static bool full_sequences(const nsa_dims *d) {
-  if (!d->seqs) return d->TQ == d->TK;
-  const int32_t *cq = d->seqs->host, *ck = d->seqs->host + d->seqs->n + 1;
-  for (int i = 0; i < d->seqs->n; i++)
-    if (cq[i + 1] - cq[i] != ck[i + 1] - ck[i]) return false;
-  return true;
-}
-
 size_t backward_scratch_bytes(const nsa_dims *d) {
-  if (!full_sequences(d)) return 0; /* no backward exists */
+  if (!dims_full_sequences(d)) return 0; /* no backward exists */
   bwd_layout l;
   scratch_layout(d, &l);
   return l.end;
@@ -209,7 +200,7 @@ static clnsa_status check_workspace(clnsa_context *ctx, const nsa_dims *d, const
       ws->last.k_dt != in->k->dtype || ws->last.v_dt != in->v->dtype)
     return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE,
                       "the workspace holds a forward of other shapes, parameters or inputs");
-  if (!full_sequences(d))
+  if (!dims_full_sequences(d))
     return clnsa_fail(ctx, CLNSA_ERR_NO_BACKWARD,
                       "backward needs every query sequence to cover its keys (TQ = TK)");
   const size_t scratch = backward_scratch_bytes(d); /* as clnsa_backward_workspace_size */
@@ -234,7 +225,8 @@ typedef struct bwd_plan {
   cl_mem buf;                                   /* the workspace buffer */
   cl_long base;                                 /* element offset of the scratch in buf */
   clnsa_tensor idx, k_cmp, v_cmp, o[3], lse[3]; /* saved by the forward, by branch */
-  cl_kernel gates, mask, chunks, scan, dq[3], dkdv[3], reduce, fin_q, fin_kv;
+  cl_kernel gates, dq[3], dkdv[3], reduce, fin_q, fin_kv;
+  select_mask_kernels sel;
   bool mma, mma_emulated;      /* the selected kernels are cl/attend_bwd_mma.cl's */
   bool cmp_dq_mma, cmp_kv_mma; /* the compressed dq, dk/dv kernels too (bf16 q) */
   int dq_nw, kv_nw;            /* their warps per group: selected dq, dk/dv */
@@ -395,11 +387,7 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
           program_kernel(ctx, file, ot.text, "bwd_dkdv_compressed_mma", &p->dkdv[BRANCH_CMP]));
   }
 
-  build_options om = {{0}, 0};
-  options_add(&om, "-DSCAN_WG=%d", p->tune.scan_wg);
-  CHECK_STATUS(program_kernel(ctx, "select_mask.cl", om.text, "select_mask_build", &p->mask));
-  CHECK_STATUS(program_kernel(ctx, "select_mask.cl", om.text, "select_mask_chunks", &p->chunks));
-  CHECK_STATUS(program_kernel(ctx, "select_mask.cl", om.text, "select_chunk_scan", &p->scan));
+  CHECK_STATUS(select_mask_kernels_get(ctx, p->tune.scan_wg, &p->sel));
 
   build_options og = {{0}, 0};
   options_add_dtype(&og, "DO", p->d_o);
@@ -421,47 +409,9 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
 }
 
 /* ---- kernel arguments, in order ---- */
-typedef struct kargs {
-  cl_kernel k;
-  cl_uint n;
-  cl_int err;
-} kargs;
-
-static kargs args_begin(cl_kernel k) {
-  return (kargs){k, 0, CL_SUCCESS};
-}
-static void arg_tensor(kargs *a, const clnsa_tensor *t) {
-  a->err |= t ? tensor_set_args(a->k, &a->n, t) : tensor_set_absent_args(a->k, &a->n);
-}
-static void arg_mem(kargs *a, cl_mem m) {
-  a->err |= clSetKernelArg(a->k, a->n++, sizeof m, &m);
-}
-static void arg_long(kargs *a, cl_long v) {
-  a->err |= clSetKernelArg(a->k, a->n++, sizeof v, &v);
-}
-static void arg_int(kargs *a, cl_int v) {
-  a->err |= clSetKernelArg(a->k, a->n++, sizeof v, &v);
-}
-static void arg_float(kargs *a, cl_float v) {
-  a->err |= clSetKernelArg(a->k, a->n++, sizeof v, &v);
-}
-static void arg_seq(kargs *a, const nsa_dims *d) {
-  a->err |= dims_set_seq_args(a->k, &a->n, d);
-}
-
 /* Element offset of a scratch region. */
 static cl_long at(const bwd_plan *p, size_t region) {
   return p->base + (cl_long)(region / 4);
-}
-
-static clnsa_status launch(clnsa_context *ctx, enqueue_chain *c, const kargs *a, cl_uint dims,
-                           const size_t *global, const size_t *local) {
-  if (a->err != CL_SUCCESS) {
-    char name[128] = "?";
-    clGetKernelInfo(a->k, CL_KERNEL_FUNCTION_NAME, sizeof name - 1, name, NULL);
-    return clnsa_cl_fail(ctx, a->err, name);
-  }
-  return chain_launch(ctx, c, a->k, dims, global, local);
 }
 
 static size_t ceil_div(size_t a, size_t b) {
@@ -496,54 +446,16 @@ static clnsa_status enqueue_gates(clnsa_context *ctx, const bwd_plan *p, enqueue
   arg_int(&a, d->HQ);
   arg_int(&a, d->DV);
   size_t local = 64, global = ceil_div((size_t)nr, 4) * local; /* 4 rows per group */
-  return launch(ctx, c, &a, 1, &global, &local);
+  return args_launch(ctx, c, &a, 1, &global, &local);
 }
 
 /* The selection turned around: mask, chunk counts, their prefix sum, the chunks. */
 static clnsa_status enqueue_selection(clnsa_context *ctx, const bwd_plan *p, enqueue_chain *c) {
-  const nsa_dims *d = p->d;
   const bwd_layout *l = &p->lay;
-  kargs a = args_begin(p->mask);
-  arg_tensor(&a, &p->idx);
-  arg_mem(&a, p->buf);
-  arg_long(&a, at(p, l->mask));
-  arg_int(&a, l->nch);
-  arg_int(&a, d->S);
-  arg_int(&a, d->BS);
-  arg_seq(&a, d);
-  size_t local[3] = {32, 1, 1};
-  size_t global[3] = {ceil_div((size_t)l->nch, 32) * 32, (size_t)(d->seqs ? d->seqs->n : d->B),
-                      (size_t)d->H};
-  CHECK_STATUS(launch(ctx, c, &a, 3, global, local));
-
-  const size_t rows = (size_t)d->H * d->B * d->NB;
-  if (rows == 0) return CLNSA_SUCCESS; /* no keys: nothing selected */
-  for (int fill = 0; fill < 2; fill++) {
-    a = args_begin(p->chunks);
-    arg_mem(&a, p->buf);
-    arg_long(&a, at(p, l->mask));
-    arg_int(&a, l->nch);
-    arg_mem(&a, p->buf);
-    arg_long(&a, at(p, l->counts));
-    arg_long(&a, at(p, l->offsets));
-    arg_long(&a, at(p, l->slot_row));
-    arg_long(&a, at(p, l->slot_word));
-    arg_int(&a, fill);
-    arg_int(&a, SEL_CHUNK);
-    arg_int(&a, d->BS);
-    arg_seq(&a, d);
-    size_t lc = 64, gc = ceil_div(rows, lc) * lc;
-    CHECK_STATUS(launch(ctx, c, &a, 1, &gc, &lc));
-    if (fill) break;
-    a = args_begin(p->scan);
-    arg_mem(&a, p->buf);
-    arg_long(&a, at(p, l->counts));
-    arg_long(&a, at(p, l->offsets));
-    arg_int(&a, (cl_int)rows);
-    size_t ls = (size_t)p->tune.scan_wg;
-    CHECK_STATUS(launch(ctx, c, &a, 1, &ls, &ls));
-  }
-  return CLNSA_SUCCESS;
+  const select_mask_at m = {p->buf,           at(p, l->mask),      at(p, l->counts),
+                            at(p, l->offsets), at(p, l->slot_row), at(p, l->slot_word),
+                            l->nch,           SEL_CHUNK};
+  return select_mask_enqueue(ctx, p->d, &p->sel, &p->idx, &m, c);
 }
 
 /* Arguments every attention-backward kernel starts with: q, keys, values, do, lse. */
@@ -587,7 +499,7 @@ static clnsa_status enqueue_dq(clnsa_context *ctx, const bwd_plan *p, int x, enq
                                : (size_t)p->tune.threads,
                      1, 1};
   size_t global[3] = {groups * local[0], seq_groups(d), (size_t)d->H};
-  return launch(ctx, c, &a, 3, global, local);
+  return args_launch(ctx, c, &a, 3, global, local);
 }
 
 static clnsa_status enqueue_dkdv(clnsa_context *ctx, const bwd_plan *p, int x, enqueue_chain *c) {
@@ -630,13 +542,13 @@ static clnsa_status enqueue_dkdv(clnsa_context *ctx, const bwd_plan *p, int x, e
                      1, 1};
   if (x == BRANCH_SLC) { /* one group per (chunk slot, key slice); spare slots exit */
     size_t global = l->slots * parts * local[0];
-    return launch(ctx, c, &a, 1, &global, local);
+    return args_launch(ctx, c, &a, 1, &global, local);
   }
   const size_t groups = x == BRANCH_CMP
                             ? ceil_div(ceil_div(len, (size_t)d->BS), keys) * l->cmp_chunks
                             : ceil_div(len, keys);
   size_t global[3] = {groups * local[0], seq_groups(d), (size_t)d->H};
-  return launch(ctx, c, &a, 3, global, local);
+  return args_launch(ctx, c, &a, 3, global, local);
 }
 
 /* dk_cmp, dv_cmp = the compressed partials summed over the token chunks. */
@@ -654,7 +566,7 @@ static clnsa_status enqueue_reduce(clnsa_context *ctx, const bwd_plan *p, enqueu
     arg_long(&a, (cl_long)n[i]);
     arg_int(&a, l->cmp_chunks);
     size_t local = 64, global = ceil_div(n[i], local) * local;
-    CHECK_STATUS(launch(ctx, c, &a, 1, &global, &local));
+    CHECK_STATUS(args_launch(ctx, c, &a, 1, &global, &local));
   }
   return CLNSA_SUCCESS;
 }
@@ -676,7 +588,7 @@ static clnsa_status enqueue_finalize(clnsa_context *ctx, const bwd_plan *p, enqu
   arg_int(&a, d->HQ);
   arg_int(&a, d->DK);
   size_t global = ceil_div((size_t)nr, (size_t)rows) * local;
-  CHECK_STATUS(launch(ctx, c, &a, 1, &global, &local));
+  CHECK_STATUS(args_launch(ctx, c, &a, 1, &global, &local));
 
   rows = (int)(4 * local / (size_t)(d->DK + d->DV));
   rows = rows < 1 ? 1 : rows;
@@ -700,7 +612,7 @@ static clnsa_status enqueue_finalize(clnsa_context *ctx, const bwd_plan *p, enqu
   arg_int(&a, d->DV);
   arg_seq(&a, d);
   global = ceil_div((size_t)nk, (size_t)rows) * local;
-  return launch(ctx, c, &a, 1, &global, &local);
+  return args_launch(ctx, c, &a, 1, &global, &local);
 }
 
 static clnsa_status backward_stages(clnsa_context *ctx, const bwd_plan *p, enqueue_chain *c) {

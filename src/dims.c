@@ -204,6 +204,14 @@ cl_int dims_set_seq_args(cl_kernel k, cl_uint *arg, const nsa_dims *d) {
   return err;
 }
 
+bool dims_full_sequences(const nsa_dims *d) {
+  if (!d->seqs) return d->TQ == d->TK;
+  const int32_t *cq = d->seqs->host, *ck = d->seqs->host + d->seqs->n + 1;
+  for (int i = 0; i < d->seqs->n; i++)
+    if (cq[i + 1] - cq[i] != ck[i + 1] - ck[i]) return false;
+  return true;
+}
+
 /* ---- varlen descriptions ---- */
 static clnsa_status check_cu(clnsa_context *ctx, const int32_t *cu, int n, const char *name) {
   if (cu[0] != 0)

@@ -159,6 +159,9 @@ clnsa_status dims_check_rows(clnsa_context *ctx, const nsa_dims *d, const clnsa_
 /* Sets the sequence arguments every kernel takes after its tensors:
  * cu (global int*, NULL without seqs), nseq, B, TQ, TK, NB, HQ, H. */
 cl_int dims_set_seq_args(cl_kernel k, cl_uint *arg, const nsa_dims *d);
+/* Every sequence's queries are all its tokens (TQ = TK per sequence): training and
+ * prefill. The backward, and the selection masks (positions = token indices), need it. */
+bool dims_full_sequences(const nsa_dims *d);
 
 /* nsa.c: the whole pass's inputs (params, q/k/v, gates, indices, counts), for the forward,
  * the workspace size queries and the backward. */
@@ -184,6 +187,23 @@ clnsa_status chain_launch(clnsa_context *ctx, enqueue_chain *c, cl_kernel k, cl_
 clnsa_status chain_end(clnsa_context *ctx, enqueue_chain *c, cl_event *event);
 void chain_abort(enqueue_chain *c);
 
+/* Kernel arguments set in order; the first error is kept and reported by args_launch. */
+typedef struct kargs {
+  cl_kernel k;
+  cl_uint n;
+  cl_int err;
+} kargs;
+kargs args_begin(cl_kernel k);
+void arg_tensor(kargs *a, const clnsa_tensor *t); /* NULL: an absent tensor's arguments */
+void arg_mem(kargs *a, cl_mem m);
+void arg_long(kargs *a, cl_long v);
+void arg_int(kargs *a, cl_int v);
+void arg_float(kargs *a, cl_float v);
+void arg_seq(kargs *a, const nsa_dims *d); /* dims_set_seq_args */
+/* chain_launch, or the failure of an argument (named by the kernel). */
+clnsa_status args_launch(clnsa_context *ctx, enqueue_chain *c, const kargs *a, cl_uint dims,
+                         const size_t *global, const size_t *local);
+
 /* ---- stage launchers (one file each); they assume validated arguments ---- */
 clnsa_status pool_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *k,
                           const clnsa_tensor *v, const clnsa_tensor *k_cmp,
@@ -197,10 +217,48 @@ clnsa_status compressed_enqueue(clnsa_context *ctx, const nsa_dims *d, const cln
 clnsa_status window_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
                             const clnsa_tensor *k, const clnsa_tensor *v, const clnsa_tensor *o,
                             const clnsa_tensor *lse, enqueue_chain *c);
+/* Tensors cl/attend_mma.cl takes: q f16/bf16, k and v of its type (or f32 with bf16 q),
+ * head dims in 32-wide chunks within the register budget, rows aligned to 16 bytes. */
+bool attend_mma_fits(const nsa_dims *d, const clnsa_tensor *q, const clnsa_tensor *k,
+                     const clnsa_tensor *v);
 clnsa_status selected_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
                               const clnsa_tensor *k, const clnsa_tensor *v,
                               const clnsa_tensor *block_indices, const clnsa_tensor *o,
                               const clnsa_tensor *lse, enqueue_chain *c);
+/* selected_kvm.c (MODE 3 of cl/attend_mma.cl, cl/selected_merge.cl): the selected
+ * branch in kv-block-major order, for small G on the tensor-core path. *use says whether
+ * it takes these inputs; *scratch_bytes is what it needs after the forward's regions. */
+clnsa_status selected_kvm_plan(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
+                               const clnsa_tensor *k, const clnsa_tensor *v, bool *use,
+                               size_t *scratch_bytes);
+/* Same outputs as selected_enqueue; scratch is the byte offset of its region in buf. */
+clnsa_status selected_kvm_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
+                                  const clnsa_tensor *k, const clnsa_tensor *v,
+                                  const clnsa_tensor *block_indices, const clnsa_tensor *o,
+                                  const clnsa_tensor *lse, cl_mem buf, size_t scratch,
+                                  enqueue_chain *c);
+
+/* select_mask.c (cl/select_mask.cl): the selection turned around, for the backward and
+ * for selected_kvm.c: per (kv head, block) a bit mask of the tokens that chose it, cut
+ * into chunks of at least chunk_tokens tokens (the last of a row may hold fewer). Regions
+ * are element offsets into buf. */
+typedef struct select_mask_at {
+  cl_mem buf;
+  cl_long mask, counts, offsets, slot_row, slot_word;
+  int nch;            /* mask words per row: ceil(longest sequence / 32) */
+  int chunk_tokens;
+} select_mask_at;
+typedef struct select_mask_kernels {
+  cl_kernel build, chunks, scan;
+  int scan_wg;
+} select_mask_kernels;
+clnsa_status select_mask_kernels_get(clnsa_context *ctx, int scan_wg, select_mask_kernels *k);
+clnsa_status select_mask_enqueue(clnsa_context *ctx, const nsa_dims *d,
+                                 const select_mask_kernels *k, const clnsa_tensor *idx,
+                                 const select_mask_at *at, enqueue_chain *c);
+/* Bound on the chunks over all mask rows: H (B TQ S / chunk_tokens + B NB). */
+size_t select_mask_slots(const nsa_dims *d, int chunk_tokens);
+
 /* topk.c (cl/topk.cl). block_counts may be NULL (then d->S for every query). */
 clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
                           const clnsa_tensor *k_cmp, const clnsa_tensor *lse_cmp,

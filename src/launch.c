@@ -81,3 +81,36 @@ void chain_abort(enqueue_chain *c) {
   if (c->last) clReleaseEvent(c->last);
   c->last = NULL;
 }
+
+/* ---- kernel arguments ---- */
+kargs args_begin(cl_kernel k) {
+  return (kargs){k, 0, CL_SUCCESS};
+}
+void arg_tensor(kargs *a, const clnsa_tensor *t) {
+  a->err |= t ? tensor_set_args(a->k, &a->n, t) : tensor_set_absent_args(a->k, &a->n);
+}
+void arg_mem(kargs *a, cl_mem m) {
+  a->err |= clSetKernelArg(a->k, a->n++, sizeof m, &m);
+}
+void arg_long(kargs *a, cl_long v) {
+  a->err |= clSetKernelArg(a->k, a->n++, sizeof v, &v);
+}
+void arg_int(kargs *a, cl_int v) {
+  a->err |= clSetKernelArg(a->k, a->n++, sizeof v, &v);
+}
+void arg_float(kargs *a, cl_float v) {
+  a->err |= clSetKernelArg(a->k, a->n++, sizeof v, &v);
+}
+void arg_seq(kargs *a, const nsa_dims *d) {
+  a->err |= dims_set_seq_args(a->k, &a->n, d);
+}
+
+clnsa_status args_launch(clnsa_context *ctx, enqueue_chain *c, const kargs *a, cl_uint dims,
+                         const size_t *global, const size_t *local) {
+  if (a->err != CL_SUCCESS) {
+    char name[128] = "?";
+    clGetKernelInfo(a->k, CL_KERNEL_FUNCTION_NAME, sizeof name - 1, name, NULL);
+    return clnsa_cl_fail(ctx, a->err, name);
+  }
+  return chain_launch(ctx, c, a->k, dims, global, local);
+}

@@ -11,7 +11,9 @@
  *   k_cmp [B,NB,H,DK]  v_cmp [B,NB,H,DV]  o_cmp [B,TQ,HQ,DV]  lse_cmp [B,TQ,HQ]
  *   block_indices i32 [B,TQ,H,S]  o_slc [B,TQ,HQ,DV]  lse_slc [B,TQ,HQ]
  *   o_swa [B,TQ,HQ,DV]  lse_swa [B,TQ,HQ]     (the last two only when W > 0 and g_swa)
- * then, for clnsa_backward_workspace_size, the backward's scratch. Kernels see the
+ * then scratch: the kv-block-major selected attention's (src/selected_kvm.c; small G on
+ * the tensor-core path), and for clnsa_backward_workspace_size the backward's, which
+ * reuses the same bytes (the larger of the two is reserved). Kernels see the
  * regions as contiguous clnsa_tensor views of the one buffer (no sub-buffers, so the
  * workspace offset needs only 4-byte alignment).
  *
@@ -19,7 +21,7 @@
  *  - pool + compressed attention: unless g_cmp is absent and block_indices are given
  *    (then nothing reads their results);
  *  - top-k: unless block_indices are given (block_counts act only here);
- *  - selected attention: always;
+ *  - selected attention: always (kv-block-major where selected_kvm_plan takes it);
  *  - window: when W > 0 and g_swa is given. */
 #include <stdlib.h>
 #include <string.h>
@@ -102,7 +104,11 @@ static clnsa_status workspace_size(clnsa_context *ctx, const clnsa_params *param
   CHECK_STATUS(inputs_validate(ctx, params, in, &d));
   ws_layout l;
   workspace_layout(&d, window_runs(&d, in), &l);
-  size_t scratch = backward ? backward_scratch_bytes(&d) : 0;
+  bool kvm;
+  size_t scratch;
+  CHECK_STATUS(selected_kvm_plan(ctx, &d, in->q, in->k, in->v, &kvm, &scratch));
+  const size_t bwd = backward ? backward_scratch_bytes(&d) : 0;
+  if (bwd > scratch) scratch = bwd;
   *bytes = scratch ? l.scratch + scratch : l.end;
   return CLNSA_SUCCESS;
 }
@@ -243,8 +249,10 @@ static clnsa_status combine_prepare(clnsa_context *ctx, const nsa_dims *d, const
   return CLNSA_SUCCESS;
 }
 
+/* kvm: the selected branch runs kv-block-major, its scratch at byte kvm_at of buf */
 static clnsa_status forward_stages(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
                                    bool compressed, bool window, const ws_views *v,
+                                   bool kvm, cl_mem buf, size_t kvm_at,
                                    const combine_launch *comb, enqueue_chain *c) {
   if (compressed) {
     CHECK_STATUS(pool_enqueue(ctx, d, in->k, in->v, &v->k_cmp, &v->v_cmp, c));
@@ -256,7 +264,11 @@ static clnsa_status forward_stages(clnsa_context *ctx, const nsa_dims *d, const 
     CHECK_STATUS(topk_enqueue(ctx, d, in->q, &v->k_cmp, &v->lse_cmp, in->block_counts, &v->idx, c));
     idx = &v->idx;
   }
-  CHECK_STATUS(selected_enqueue(ctx, d, in->q, in->k, in->v, idx, &v->o_slc, &v->lse_slc, c));
+  if (kvm)
+    CHECK_STATUS(selected_kvm_enqueue(ctx, d, in->q, in->k, in->v, idx, &v->o_slc, &v->lse_slc, buf,
+                                      kvm_at, c));
+  else
+    CHECK_STATUS(selected_enqueue(ctx, d, in->q, in->k, in->v, idx, &v->o_slc, &v->lse_slc, c));
   if (window) CHECK_STATUS(window_enqueue(ctx, d, in->q, in->k, in->v, &v->o_swa, &v->lse_swa, c));
   return chain_launch(ctx, c, comb->kernel, 1, &comb->global, &comb->local);
 }
@@ -280,11 +292,15 @@ clnsa_status clnsa_forward(clnsa_context *ctx, const clnsa_params *params, const
   const bool compressed = in->g_cmp || !in->block_indices;
   ws_layout l;
   workspace_layout(&d, window, &l);
-  if (ws->bytes < l.end)
+  bool kvm;
+  size_t kvm_bytes;
+  CHECK_STATUS(selected_kvm_plan(ctx, &d, in->q, in->k, in->v, &kvm, &kvm_bytes));
+  const size_t need = kvm ? l.scratch + kvm_bytes : l.end;
+  if (ws->bytes < need)
     return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE,
                       "workspace has %zu bytes, this forward needs %zu "
                       "(clnsa_forward_workspace_size)",
-                      ws->bytes, l.end);
+                      ws->bytes, need);
 
   ws_views v;
   workspace_views(ws, &d, &l, &v);
@@ -293,10 +309,13 @@ clnsa_status clnsa_forward(clnsa_context *ctx, const clnsa_params *params, const
 
   enqueue_chain c;
   chain_begin_dry(&c); /* every build and tuning check first: nothing enqueued on failure */
-  CHECK_STATUS(forward_stages(ctx, &d, in, compressed, window, &v, &comb, &c));
+  const size_t kvm_at = ws->offset + l.scratch;
+  CHECK_STATUS(
+      forward_stages(ctx, &d, in, compressed, window, &v, kvm, ws->buffer, kvm_at, &comb, &c));
   ws->last.valid = false; /* its contents are about to be overwritten */
   chain_begin(&c, nwait, wait);
-  clnsa_status st = forward_stages(ctx, &d, in, compressed, window, &v, &comb, &c);
+  clnsa_status st =
+      forward_stages(ctx, &d, in, compressed, window, &v, kvm, ws->buffer, kvm_at, &comb, &c);
   if (st == CLNSA_SUCCESS) st = chain_end(ctx, &c, event);
   if (st != CLNSA_SUCCESS) {
     chain_abort(&c);

@@ -26,8 +26,10 @@ enum { G_CMP = 1, G_SLC = 2, G_SWA = 4, G_ALL = 7 };
 typedef struct shape_class {
   int DK, DV, BS;
 } shape_class;
-/* The last serves CLNSA_FLAG_TF32 only (test_forward_tf32): D = 128. */
-static const shape_class classes[] = {{16, 24, 8}, {32, 16, 4}, {48, 32, 16}, {128, 128, 32}};
+/* Class 3 serves CLNSA_FLAG_TF32 only (test_forward_tf32): D = 128; class 4 the
+ * kv-block-major selected attention (test_forward_kvm): head dims in 32-wide chunks. */
+static const shape_class classes[] = {
+    {16, 24, 8}, {32, 16, 4}, {48, 32, 16}, {128, 128, 32}, {64, 32, 8}};
 
 typedef struct fcase {
   int B, TQ, TK, H, G, cls, S, W;
@@ -508,6 +510,34 @@ static void test_forward_tf32(void **state) {
     run_case(&tf32_cases[i], CLNSA_FLAG_TF32, &r);
 }
 
+/* f16 / bf16 with G <= 4 on the tensor-core path: the selected branch runs kv-block-major
+ * (src/selected_kvm.c: chunks of the tokens that selected each block, partial results per
+ * slot, merged by lse) for G <= 2, and, as `test_forward tensor-cores` (CLNSA_TUNE
+ * KVM_MAX_G=4), for all of them. Block 0 is every token's, so its chunks take several
+ * passes of rows; G = 1, 2, 3, 4, per-token counts, varlen, caller indices with duplicates
+ * and blocks past the query's own, a window beside it, a misaligned workspace. */
+/* clang-format off */
+static const fcase kvm_cases[] = {
+    /* B TQ  TK  H  G cls S  W  nseq cu_q cu_k gates caller counts padded dtype mixed misalign */
+    {1, 160, 160, 2, 1, 4, 4, 0, 0, {0}, {0}, G_SLC | G_CMP, false, false, false, CLNSA_BF16,
+     false, false},
+    {2, 77, 77, 1, 3, 4, 5, 0, 0, {0}, {0}, G_SLC | G_CMP, false, true, false, CLNSA_F16, false,
+     false},
+    {1, 0, 0, 2, 2, 4, 3, 6, 4, {0, 50, 50, 51, 130}, {0}, G_ALL, false, false, false,
+     CLNSA_BF16, false, false},
+    {1, 90, 90, 1, 4, 4, 6, 0, 0, {0}, {0}, G_SLC, true, false, false, CLNSA_BF16, false, false},
+    {1, 64, 64, 1, 1, 4, 2, 0, 0, {0}, {0}, G_ALL, false, false, false, CLNSA_F16, false, true},
+};
+/* clang-format on */
+
+static void test_forward_kvm(void **state) {
+  (void)state;
+  rng r = {harness_seed("forward kvm")};
+  printf("# tensor-core path: %d\n", (int)clnsa_context_tensor_cores(ctx));
+  for (size_t i = 0; i < sizeof kvm_cases / sizeof kvm_cases[0]; i++)
+    run_case(&kvm_cases[i], 0, &r);
+}
+
 /* The stages of one forward must be ordered by events alone: the same cases on an
  * out-of-order queue. */
 static void test_forward_out_of_order(void **state) {
@@ -541,11 +571,19 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_forward_random),
       cmocka_unit_test(test_forward_out_of_order),
       cmocka_unit_test(test_forward_tf32),
+      cmocka_unit_test(test_forward_kvm),
   };
-  /* `test_forward tensor-cores`: the TF32 cases alone, on the tensor-core path */
-  const struct CMUnitTest tc_only[] = {cmocka_unit_test(test_forward_tf32)};
-  int rc = harness_tensor_cores_mode(ctx, argc, argv) ? cmocka_run_group_tests(tc_only, NULL, NULL)
-                                                      : cmocka_run_group_tests(tests, NULL, NULL);
+  /* `test_forward tensor-cores`: the TF32 and kv-block-major cases, on the tensor-core path */
+  const struct CMUnitTest tc_only[] = {cmocka_unit_test(test_forward_tf32),
+                                       cmocka_unit_test(test_forward_kvm)};
+  const bool tc = harness_tensor_cores_mode(ctx, argc, argv);
+  if (tc) { /* the kv-block-major kernels for G = 3 and 4 too (by default G <= 2 take them) */
+    const char *old = getenv("CLNSA_TUNE");
+    char tune[512];
+    snprintf(tune, sizeof tune, "%s%sKVM_MAX_G=4", old ? old : "", old && *old ? "," : "");
+    setenv("CLNSA_TUNE", tune, 1);
+  }
+  int rc = tc ? cmocka_run_group_tests(tc_only, NULL, NULL) : cmocka_run_group_tests(tests, NULL, NULL);
   clock_gettime(CLOCK_MONOTONIC, &t1);
   printf("# forward: %.1f s, %d rows decided by near-ties\n",
          (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec), tie_rows);
