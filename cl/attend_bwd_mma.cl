@@ -538,3 +538,147 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
     }
   }
 }
+
+/* ---------------------------------------------------------------- dq, kv-block-major */
+#ifdef KVQ_BS /* the block size: the host defines it where it takes this kernel */
+#ifndef KVQ_NW
+#define KVQ_NW 4 /* warps per group, each 16 rows a step */
+#endif
+#if WARP_EMULATE && KVQ_NW != 1
+#error "attend_bwd_mma.cl: the warp emulation runs one warp per group"
+#endif
+#define KVQ_LD8(ld, j, u) ((j) * (ld) + ((ld) % 8 == 0 ? (u) ^ (((j) & 1) << 2) : (u)))
+#define KVQ_KEYS ((KVQ_BS + 15) / 16 * 16) /* staged rows: whole 16-key steps */
+
+/* bwd_dq_selected_kvm_mma: the selected branch's dq turned around, for small G (where a
+ * query-major group of 16 rows packs 16/G tokens whose block lists barely overlap, so
+ * each token reads its blocks' K/V alone and most mma rows are masked). A group takes one
+ * selection chunk (the dk/dv kernel's: a block of one kv head, the tokens that chose it),
+ * stages the block's K and V in local memory once (rows swizzled as in cl/attend_mma.cl),
+ * and walks the chunk's rows (token x, head g at x G + g) in steps of 16, step s on warp
+ * s % KVQ_NW: S = Q K^T and dP = do V^T over the block's keys (A = the rows' q and do
+ * from global memory, B = the staged rows), dS as in bwd_dq_selected_mma, and dq over
+ * this block alone = scale dS K (B = the same staged K words through movmatrix), written
+ * to the row's partial slot: the first slot of its token's block_indices row naming the
+ * block. bwd_dq_merge (cl/selected_merge.cl) then sums a row's valid slots in slot order,
+ * as the query-major kernel's warps are summed in warp order. */
+__kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_selected_kvm_mma(
+    CTENSOR(Q_DT, q), CTENSOR(K_DT, k), CTENSOR(V_DT, v), CTENSOR(DO_DT, dout),
+    CTENSOR(0, lse), CITENSOR(bi), __global const uint *mask, long mask_off, int NCH,
+    __global const int *sel, long offsets_off, long slot_row_off, long slot_word_off,
+    __global float *ws, long gate_off, long delta_off, long part_off, float scale, int S,
+    SEQ_ARGS) {
+  __local uint4 kst[KVQ_KEYS * (DK / 8)] __attribute__((aligned(16)));
+  __local uint4 vst[KVQ_KEYS * (DV / 8)] __attribute__((aligned(16)));
+  __local int list[MASK_WORDS * 32], tslot[MASK_WORDS * 32];
+  __local uint words[MASK_WORDS];
+  WARP_SCRATCH(wx);
+  __global const int *offsets = sel + offsets_off;
+  const int slot = get_group_id(0), nsel = H * B * NB;
+  if (slot >= offsets[nsel]) return; /* past the last chunk: the whole group */
+  const int srow = sel[slot_row_off + slot], h = srow / (B * NB);
+  const crow blk = locate_block(cu, nseq, NB, TK, srow % (B * NB));
+  const int c0 = blk.c * KVQ_BS, nkeys = min(KVQ_BS, blk.tk - c0);
+  const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5;
+  const int gid = lane >> 2, tig = lane & 3, G = HQ / H;
+  __global const float *gate = ws + gate_off, *delta = ws + delta_off;
+  (void)TQ;
+
+  /* the block's K and V rows, zeros past its keys (P is 0 there; no NaN enters) */
+  for (int i = lid; i < KVQ_KEYS * (DK / 8); i += 32 * KVQ_NW) {
+    const int j = i / (DK / 8), u = i - j * (DK / 8);
+    kst[KVQ_LD8(DK / 8, j, u)] =
+        LD8(k, TIDX(k, blk.b, blk.kstart + c0 + min(j, nkeys - 1), h) + 8 * u, j < nkeys);
+  }
+  for (int i = lid; i < KVQ_KEYS * (DV / 8); i += 32 * KVQ_NW) {
+    const int j = i / (DV / 8), u = i - j * (DV / 8);
+    vst[KVQ_LD8(DV / 8, j, u)] =
+        LD8(v, TIDX(v, blk.b, blk.kstart + c0 + min(j, nkeys - 1), h) + 8 * u, j < nkeys);
+  }
+  const float sl2 = scale * M_LOG2E_F;
+  __global const uint *mrow = mask + mask_off + (long)srow * NCH;
+  const int wend = slot + 1 < offsets[srow + 1] ? sel[slot_word_off + slot + 1] : (blk.tk + 31) / 32;
+  for (int w0 = sel[slot_word_off + slot]; w0 < wend; w0 += MASK_WORDS) {
+    const int ntok = mask_expand(mrow, w0, wend, words, list), nrows = ntok * G;
+    /* each token's first slot naming the block, one (token, slot) pair an item */
+    for (int x = lid; x < ntok; x += 32 * KVQ_NW) tslot[x] = S - 1;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int i = lid; i < ntok * S; i += 32 * KVQ_NW) {
+      const int x = i / S, s = i - x * S;
+      if (bi[TIDX(bi, blk.b, blk.kstart + list[x], h) + s] == blk.c) atomic_min(&tslot[x], s);
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int f0 = 16 * warp; f0 < nrows; f0 += 16 * KVQ_NW) {
+      /* this lane's rows f0 + gid (+ 8): token list[x], head g */
+      float lse2[2], del[2], gt[2];
+      int tpos[2];
+      long rrow[2];
+      uint4 qf[DKC][2], dof[DVC][2];
+#pragma unroll
+      for (int rh = 0; rh < 2; rh++) {
+        const int f = f0 + gid + 8 * rh, x = min(f, nrows - 1) / G;
+        const bool ok = f < nrows;
+        const int hq = h * G + min(f, nrows - 1) - x * G;
+        const long tok = blk.kstart + list[x], rs = ((long)blk.b * TQ + tok) * HQ + hq;
+        tpos[rh] = ok ? list[x] : -1;
+        rrow[rh] = rs * S + tslot[x];
+        lse2[rh] = ok ? lse[TIDX(lse, blk.b, tok, hq)] * M_LOG2E_F : 0.0f;
+        del[rh] = ok ? delta[rs] : 0.0f;
+        gt[rh] = ok ? gate[rs] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < DKC; c++) qf[c][rh] = LD8(q, TIDX(q, blk.b, tok, hq) + 32 * c + 8 * tig, ok);
+#pragma unroll
+        for (int c = 0; c < DVC; c++)
+          dof[c][rh] = LD8(dout, TIDX(dout, blk.b, tok, hq) + 32 * c + 8 * tig, ok);
+      }
+      float acc[DK / 8][4];
+#pragma unroll
+      for (int n = 0; n < DK / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+      for (int k0 = 0; k0 < nkeys; k0 += 16) {
+        float s[2][4], dp[2][4];
+        uint4 kt[2][DKC];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+          const int key = k0 + 8 * nt + gid;
+          s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+          dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+#pragma unroll
+          for (int c = 0; c < DKC; c++) {
+            kt[nt][c] = kst[KVQ_LD8(DK / 8, key, 4 * c + tig)];
+            mma_dims(s[nt], qf[c][0], qf[c][1], kt[nt][c], wx);
+          }
+#pragma unroll
+          for (int c = 0; c < DVC; c++)
+            mma_dims(dp[nt], dof[c][0], dof[c][1], vst[KVQ_LD8(DV / 8, key, 4 * c + tig)], wx);
+        }
+        /* dS in place of S: element e is row gid + 8 (e >> 1), key k0 + 8nt + 2tig + (e & 1) */
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int rh = e >> 1, u = k0 + 8 * nt + 2 * tig + (e & 1);
+            const float p =
+                u < nkeys && c0 + u <= tpos[rh] ? exp2(s[nt][e] * sl2 - lse2[rh]) : 0.0f;
+            s[nt][e] = p * (gt[rh] * dp[nt][e] - del[rh]);
+          }
+        }
+        const afrag a = pack_a(s[0], s[1]);
+#pragma unroll
+        for (int c = 0; c < DKC; c++) mma_rows(acc + 4 * c, a, kt[0][c], kt[1][c], wx);
+      }
+      /* acc[4c + j][e]: row gid + 8 (e >> 1), dim 32c + 8tig + 2j + (e & 1) */
+      __global float *part = ws + part_off;
+#pragma unroll
+      for (int rh = 0; rh < 2; rh++) {
+        if (tpos[rh] < 0) continue;
+        __global float *pr = part + rrow[rh] * DK + 8 * tig;
+#pragma unroll
+        for (int n = 0; n < DK / 8; n++) {
+          pr[8 * (n & ~3) + 2 * (n & 3)] = scale * acc[n][2 * rh];
+          pr[8 * (n & ~3) + 2 * (n & 3) + 1] = scale * acc[n][2 * rh + 1];
+        }
+      }
+    }
+  }
+}
+#endif

@@ -50,6 +50,7 @@
 #define BRANCH_CMP 1
 #define BRANCH_SWA 2
 #define SEL_CHUNK 1024    /* tokens per chunk of a block's selecting tokens */
+#define BWD_MMA_MASK_WORDS 16 /* mask words the tensor-core kernels expand at once */
 #define CMP_CHUNK_MIN 256 /* tokens per chunk of the compressed key-side work, at least */
 #define CMP_CHUNKS_MAX 32 /* and at most this many chunks */
 
@@ -57,7 +58,9 @@
 typedef struct bwd_layout {
   /* bytes from the scratch start */
   size_t gate, delta, dq, win_k, win_v, cmp_pk, cmp_pv, cmp_k, cmp_v, sel_k, sel_v;
-  size_t mask, counts, offsets, slot_row, slot_word, end;
+  size_t mask, counts, offsets, slot_row, slot_word;
+  size_t part_dq; /* kv-block-major selected dq: [NR, S, DK] partials (0: not reserved) */
+  size_t end;
   int nch;        /* mask words per row */
   int cmp_chunks; /* P */
   int cmp_tokens; /* tokens per compressed chunk */
@@ -74,7 +77,7 @@ static int longest_sequence(const nsa_dims *d) {
   return d->seqs ? d->seqs->max_q : d->TQ;
 }
 
-static void scratch_layout(const nsa_dims *d, bwd_layout *l) {
+static void scratch_layout(const nsa_dims *d, bool kvq, bwd_layout *l) {
   const size_t nr = (size_t)d->B * d->TQ * d->HQ, nk = (size_t)d->B * d->TK * d->H;
   const size_t nc = (size_t)d->B * d->NB * d->H, len = (size_t)longest_sequence(d);
   size_t p = (len + CMP_CHUNK_MIN - 1) / CMP_CHUNK_MIN;
@@ -100,14 +103,54 @@ static void scratch_layout(const nsa_dims *d, bwd_layout *l) {
   l->offsets = reserve(&at, nc + 1);
   l->slot_row = reserve(&at, l->slots);
   l->slot_word = reserve(&at, l->slots);
+  l->part_dq = kvq ? reserve(&at, nr * (size_t)d->S * d->DK) : 0;
   l->end = at;
 }
 
-size_t backward_scratch_bytes(const nsa_dims *d) {
-  if (!dims_full_sequences(d)) return 0; /* no backward exists */
+/* Warps per group of bwd_dq_selected_kvm_mma and the local bytes it declares (staged K
+ * and V rows of a block in whole 16-key steps, two mask windows of tokens, their words). */
+static int kvq_warps(bool emulate) {
+  return emulate ? 1 : tuning_env_int("KVQ_NW", 4, 1);
+}
+static size_t kvq_local_bytes(const nsa_dims *d, bool emulate) {
+  const size_t keys = ((size_t)d->BS + 15) / 16 * 16;
+  return 2 * keys * (size_t)(d->DK + d->DV) + 2 * 4 * 32 * (size_t)BWD_MMA_MASK_WORDS +
+         4 * (size_t)BWD_MMA_MASK_WORDS + (emulate ? 4 * 32 * 6 : 0);
+}
+
+/* Whether the selected dq may run kv-block-major (bwd_dq_selected_kvm_mma), so that its
+ * partials are reserved: small G (as the forward's src/selected_kvm.c, CLNSA_TUNE
+ * KVM_MAX_G; BWD_KVQ=0 turns it off) on the tensor-core path, q, k and v of one 16-bit
+ * type in the shapes the tensor-core kernels take, and the block in local memory. The
+ * backward then takes it if d_o qualifies too (bwd_mma_fits). */
+static clnsa_status kvq_possible(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
+                                 bool *kvq) {
+  *kvq = false;
+  const clnsa_dtype dt = in->q->dtype;
+  if (d->G > tuning_env_int("KVQ_MAX_G", 4, 0) || !tuning_env_int("BWD_KVQ", 1, 0) ||
+      (dt != CLNSA_F16 && dt != CLNSA_BF16) || in->k->dtype != dt || in->v->dtype != dt ||
+      d->DK % 32 || d->DV % 32 || d->DK > 256 || d->DV > 128 ||
+      !tensor_rows_aligned16(in->q, d->DK) || !tensor_rows_aligned16(in->k, d->DK) ||
+      !tensor_rows_aligned16(in->v, d->DV))
+    return CLNSA_SUCCESS;
+  int mode = MMA_OFF;
+  CHECK_STATUS(mma_mode(ctx, &mode));
+  const bool emulate = mode == MMA_EMULATED;
+  *kvq = mode != MMA_OFF && (size_t)(32 * kvq_warps(emulate)) <= ctx->info.max_wg &&
+         kvq_local_bytes(d, emulate) + 1024 <= (size_t)ctx->info.local_mem;
+  return CLNSA_SUCCESS;
+}
+
+clnsa_status backward_scratch_bytes(clnsa_context *ctx, const nsa_dims *d,
+                                    const clnsa_inputs *in, size_t *bytes) {
+  *bytes = 0;
+  if (!dims_full_sequences(d)) return CLNSA_SUCCESS; /* no backward exists */
+  bool kvq;
+  CHECK_STATUS(kvq_possible(ctx, d, in, &kvq));
   bwd_layout l;
-  scratch_layout(d, &l);
-  return l.end;
+  scratch_layout(d, kvq, &l);
+  *bytes = l.end;
+  return CLNSA_SUCCESS;
 }
 
 /* ---- tuning: tiles of cl/attend_bwd.cl that fit the device's local memory ---- */
@@ -203,7 +246,8 @@ static clnsa_status check_workspace(clnsa_context *ctx, const nsa_dims *d, const
   if (!dims_full_sequences(d))
     return clnsa_fail(ctx, CLNSA_ERR_NO_BACKWARD,
                       "backward needs every query sequence to cover its keys (TQ = TK)");
-  const size_t scratch = backward_scratch_bytes(d); /* as clnsa_backward_workspace_size */
+  size_t scratch; /* as clnsa_backward_workspace_size */
+  CHECK_STATUS(backward_scratch_bytes(ctx, d, in, &scratch));
   const size_t need = scratch ? ws->last.layout.scratch + scratch : ws->last.layout.end;
   if (ws->bytes < need)
     return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE,
@@ -228,6 +272,9 @@ typedef struct bwd_plan {
   cl_kernel gates, dq[3], dkdv[3], reduce, fin_q, fin_kv;
   select_mask_kernels sel;
   bool mma, mma_emulated;      /* the selected kernels are cl/attend_bwd_mma.cl's */
+  bool kvq_room, kvq;          /* partials reserved; the selected dq runs kv-block-major */
+  int kvq_nw;
+  cl_kernel kvq_merge;         /* bwd_dq_merge (cl/selected_merge.cl) */
   bool cmp_dq_mma, cmp_kv_mma; /* the compressed dq, dk/dv kernels too (bf16 q) */
   int dq_nw, kv_nw;            /* their warps per group: selected dq, dk/dv */
   int cq_nw, ckv_nw;           /* compressed dq, dk/dv */
@@ -268,8 +315,6 @@ static bool bwd_mma_fits(const nsa_dims *d, const clnsa_inputs *in, const clnsa_
          tensor_rows_aligned16(in->q, d->DK) && tensor_rows_aligned16(in->k, d->DK) &&
          tensor_rows_aligned16(in->v, d->DV) && tensor_rows_aligned16(d_o, d->DV);
 }
-
-#define BWD_MMA_MASK_WORDS 16
 
 /* Local bytes a warp of bwd_dkdv_selected_mma holds (its kvl, rbuf, sbuf): the k and v A
  * fragment slots of its 16 keys (2 (DK/32 + DV/32) 16-byte slots a lane) and two stages
@@ -371,6 +416,7 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
     options_add(&ot, "-DDK=%d -DDV=%d -DDQ_NW=%d -DKV_NW=%d -DMASK_WORDS=%d", d->DK, d->DV,
                 p->dq_nw, p->kv_nw, BWD_MMA_MASK_WORDS);
     options_add(&ot, " -DCQ_NW=%d -DCKV_NW=%d", p->cq_nw, p->ckv_nw);
+    if (p->kvq) options_add(&ot, " -DKVQ_BS=%d -DKVQ_NW=%d", d->BS, p->kvq_nw);
     options_add(&ot, " -DMMA_DT=%d -DWARP_EMULATE=%d", (int)in->q->dtype, p->mma_emulated);
     options_add_dtype(&ot, "Q", in->q);
     options_add_dtype(&ot, "K", in->k);
@@ -378,7 +424,15 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
     options_add_dtype(&ot, "DO", p->d_o);
     tuning_env_override(&ot); /* kernel-only defines (KT, CKT, CV_SPLIT) for experiments */
     const char *file = "warp_ops.cl+bwd_mask.cl+attend_bwd_mma.cl+attend_bwd_cmp_mma.cl";
-    CHECK_STATUS(program_kernel(ctx, file, ot.text, "bwd_dq_selected_mma", &p->dq[BRANCH_SLC]));
+    CHECK_STATUS(program_kernel(ctx, file, ot.text,
+                                p->kvq ? "bwd_dq_selected_kvm_mma" : "bwd_dq_selected_mma",
+                                &p->dq[BRANCH_SLC]));
+    if (p->kvq) {
+      const int w4 = d->DK / 4, rpg = w4 >= 128 ? 1 : 128 / w4;
+      build_options om = {{0}, 0};
+      options_add(&om, "-DWIDTH=%d -DRPG=%d -DBS=%d", d->DK, rpg, d->BS);
+      CHECK_STATUS(program_kernel(ctx, "selected_merge.cl", om.text, "bwd_dq_merge", &p->kvq_merge));
+    }
     CHECK_STATUS(program_kernel(ctx, file, ot.text, "bwd_dkdv_selected_mma", &p->dkdv[BRANCH_SLC]));
     if (p->cmp_dq_mma)
       CHECK_STATUS(program_kernel(ctx, file, ot.text, "bwd_dq_compressed_mma", &p->dq[BRANCH_CMP]));
@@ -471,8 +525,48 @@ static size_t seq_groups(const nsa_dims *d) {
   return (size_t)(d->seqs ? d->seqs->n : d->B);
 }
 
+/* The selected dq kv-block-major: one group per selection chunk (spare slots exit) writes
+ * the partials, then bwd_dq_merge writes the dq accumulator. */
+static clnsa_status enqueue_dq_kvm(clnsa_context *ctx, const bwd_plan *p, enqueue_chain *c) {
+  const nsa_dims *d = p->d;
+  const bwd_layout *l = &p->lay;
+  const cl_long nr = (cl_long)d->B * d->TQ * d->HQ;
+  kargs a = args_begin(p->dq[BRANCH_SLC]);
+  args_attend(&a, p, BRANCH_SLC);
+  arg_tensor(&a, &p->idx);
+  arg_mem(&a, p->buf);
+  arg_long(&a, at(p, l->mask));
+  arg_int(&a, l->nch);
+  arg_mem(&a, p->buf);
+  arg_long(&a, at(p, l->offsets));
+  arg_long(&a, at(p, l->slot_row));
+  arg_long(&a, at(p, l->slot_word));
+  arg_mem(&a, p->buf);
+  arg_long(&a, at(p, l->gate));
+  arg_long(&a, at(p, l->delta));
+  arg_long(&a, at(p, l->part_dq));
+  arg_float(&a, d->scale);
+  arg_int(&a, d->S);
+  arg_seq(&a, d);
+  size_t local = 32 * (size_t)p->kvq_nw, global = l->slots * local;
+  CHECK_STATUS(args_launch(ctx, c, &a, 1, &global, &local));
+
+  const int w4 = d->DK / 4, rpg = w4 >= 128 ? 1 : 128 / w4;
+  a = args_begin(p->kvq_merge);
+  arg_tensor(&a, &p->idx);
+  arg_mem(&a, p->buf);
+  arg_long(&a, at(p, l->part_dq));
+  arg_long(&a, at(p, l->dq));
+  arg_int(&a, d->S);
+  arg_seq(&a, d);
+  size_t ml[2] = {(size_t)w4, (size_t)rpg};
+  size_t mg[2] = {(size_t)w4, ceil_div((size_t)nr, (size_t)rpg) * (size_t)rpg};
+  return args_launch(ctx, c, &a, 2, mg, ml);
+}
+
 static clnsa_status enqueue_dq(clnsa_context *ctx, const bwd_plan *p, int x, enqueue_chain *c) {
   const nsa_dims *d = p->d;
+  if (x == BRANCH_SLC && p->kvq) return enqueue_dq_kvm(ctx, p, c);
   const cl_long nr = (cl_long)d->B * d->TQ * d->HQ;
   const size_t len = (size_t)longest_sequence(d), rows = (size_t)p->tune.qrows;
   kargs a = args_begin(p->dq[x]);
@@ -660,7 +754,11 @@ clnsa_status clnsa_backward(clnsa_context *ctx, const clnsa_params *params, cons
     p.mma = mode != MMA_OFF && tuning_env_int("BWD_MMA", 1, 0) &&
             bwd_mma_configure(ctx, &d, p.mma_emulated, &p);
   }
-  scratch_layout(&d, &p.lay);
+  /* the selected dq kv-block-major where its partials were reserved (kvq_possible) */
+  CHECK_STATUS(kvq_possible(ctx, &d, in, &p.kvq_room));
+  p.kvq = p.kvq_room && p.mma;
+  p.kvq_nw = kvq_warps(p.mma_emulated);
+  scratch_layout(&d, p.kvq_room, &p.lay);
   plan_views(&p, ws);
   /* CLNSA_TUNE=BWD_CMP_MMA=n: bit 0 the compressed dq, bit 1 its dk/dv on tensor cores */
   const int cmp_parts =

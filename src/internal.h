@@ -301,8 +301,10 @@ typedef struct ws_views {
 void workspace_views(const clnsa_workspace *ws, const nsa_dims *d, const ws_layout *l,
                      ws_views *v);
 
-/* backward.c: bytes of scratch the backward needs after the forward's regions. */
-size_t backward_scratch_bytes(const nsa_dims *d);
+/* backward.c: bytes of scratch the backward needs after the forward's regions (0 where
+ * no backward exists). */
+clnsa_status backward_scratch_bytes(clnsa_context *ctx, const nsa_dims *d,
+                                    const clnsa_inputs *in, size_t *bytes);
 
 #define CHECK_STATUS(expr)                                                             \
   do {                                                                                 \

@@ -107,7 +107,8 @@ static clnsa_status workspace_size(clnsa_context *ctx, const clnsa_params *param
   bool kvm;
   size_t scratch;
   CHECK_STATUS(selected_kvm_plan(ctx, &d, in->q, in->k, in->v, &kvm, &scratch));
-  const size_t bwd = backward ? backward_scratch_bytes(&d) : 0;
+  size_t bwd = 0;
+  if (backward) CHECK_STATUS(backward_scratch_bytes(ctx, &d, in, &bwd));
   if (bwd > scratch) scratch = bwd;
   *bytes = scratch ? l.scratch + scratch : l.end;
   return CLNSA_SUCCESS;

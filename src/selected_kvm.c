@@ -143,7 +143,7 @@ clnsa_status selected_kvm_enqueue(clnsa_context *ctx, const nsa_dims *d, const c
                      &attend));
   const int dv4 = d->DV / 4, rpg = dv4 >= 128 ? 1 : 128 / dv4;
   build_options om = {{0}, 0};
-  options_add(&om, "-DDV=%d -DRPG=%d -DBS=%d", d->DV, rpg, d->BS);
+  options_add(&om, "-DWIDTH=%d -DRPG=%d -DBS=%d", d->DV, rpg, d->BS);
   CHECK_STATUS(program_kernel(ctx, "selected_merge.cl", om.text, "selected_merge", &merge));
 
   const select_mask_at at = {buf,          AT(mask),      AT(counts), AT(offsets),

@@ -23,15 +23,17 @@ clnsa_context *harness_context(void) {
   return ctx;
 }
 
+void harness_tune_append(const char *setting) {
+  const char *old = getenv("CLNSA_TUNE");
+  char tune[512];
+  snprintf(tune, sizeof tune, "%s%s%s", old ? old : "", old && *old ? "," : "", setting);
+  setenv("CLNSA_TUNE", tune, 1);
+}
+
 static bool tensor_cores_path(clnsa_context *ctx) {
   cl_uint vendor = 0;
   clGetDeviceInfo(clnsa_context_device(ctx), CL_DEVICE_VENDOR_ID, sizeof vendor, &vendor, NULL);
-  if (vendor != 0x10DE) {
-    const char *old = getenv("CLNSA_TUNE");
-    char tune[512];
-    snprintf(tune, sizeof tune, "%s%sMMA=2", old ? old : "", old && *old ? "," : "");
-    setenv("CLNSA_TUNE", tune, 1);
-  }
+  if (vendor != 0x10DE) harness_tune_append("MMA=2");
   const clnsa_mma want = vendor == 0x10DE ? CLNSA_MMA_NVIDIA : CLNSA_MMA_EMULATED;
   const clnsa_mma got = clnsa_context_tensor_cores(ctx);
   printf("# vendor 0x%x: tensor-core path %d (want %d)\n", vendor, (int)got, (int)want);

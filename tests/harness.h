@@ -18,6 +18,8 @@ clnsa_context *harness_context(void);
  * probe passed), any other device is switched to the emulation (CLNSA_TUNE gains MMA=2);
  * where the wanted path is not there it says so and exits with 1, so such an entry never
  * passes on the portable kernels. False (nothing changed) without the argument. */
+/* Appends one NAME=VALUE setting to CLNSA_TUNE (read by the library at each call). */
+void harness_tune_append(const char *setting);
 bool harness_tensor_cores_mode(clnsa_context *ctx, int argc, char **argv);
 
 /* Random numbers: one generator per test, seeded from CLNSA_TEST_SEED or the clock,

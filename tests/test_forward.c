@@ -577,12 +577,7 @@ int main(int argc, char **argv) {
   const struct CMUnitTest tc_only[] = {cmocka_unit_test(test_forward_tf32),
                                        cmocka_unit_test(test_forward_kvm)};
   const bool tc = harness_tensor_cores_mode(ctx, argc, argv);
-  if (tc) { /* the kv-block-major kernels for G = 3 and 4 too (by default G <= 2 take them) */
-    const char *old = getenv("CLNSA_TUNE");
-    char tune[512];
-    snprintf(tune, sizeof tune, "%s%sKVM_MAX_G=4", old ? old : "", old && *old ? "," : "");
-    setenv("CLNSA_TUNE", tune, 1);
-  }
+  if (tc) harness_tune_append("KVM_MAX_G=4"); /* kv-block-major for G 3, 4 too (default <= 2) */
   int rc = tc ? cmocka_run_group_tests(tc_only, NULL, NULL) : cmocka_run_group_tests(tests, NULL, NULL);
   clock_gettime(CLOCK_MONOTONIC, &t1);
   printf("# forward: %.1f s, %d rows decided by near-ties\n",
