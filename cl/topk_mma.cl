@@ -20,9 +20,13 @@
  * owns the column of candidates 1 + l + 32 j and keeps its best in registers, found by one
  * scan per token; a round is a butterfly over the 32 column bests, then the winner's
  * column alone is rescanned by the whole warp (one local read a lane, a second
- * butterfly). Rescanning every candidate each round (up to 32 dependent local reads a
- * lane) made the selection most of the kernel's time where few warps fit an SM (G = 1,
- * T = 65536). The n chosen blocks are written in ascending order, then -1 up to S.
+ * butterfly). Rescanning every candidate each round (up to 32 local reads a lane) cost
+ * more where few warps fit an SM (G = 1, T = 65536; H100, 6.12 -> 5.44 ms, and 4-8 % less
+ * at G = 4, 8). With two m-tiles (G = 16)
+ * every round still rescans every candidate (COLSEL = 0): with the column scheme that
+ * top-k went from 5.90 to 6.73 ms at T = 65536 (different H100s of one day; two dependent
+ * butterflies a round cost more than 32 independent reads where more warps share an SM).
+ * The n chosen blocks are written in ascending order, then -1 up to S.
  * With MT = 2 a warp holds two 16-row m-tiles (32 rows, up to 32 / G tokens) that share
  * every staged k_cmp fragment it reads: half the local-memory reads per mma, and twice the
  * tokens per staged tile (the host takes it for G = 16).
@@ -47,6 +51,9 @@
 #endif
 #ifndef KT
 #define KT 32 /* candidates per step, a multiple of 16 */
+#endif
+#ifndef COLSEL /* selection rounds rescan only the winner's column (1) or every candidate */
+#define COLSEL (MT == 1)
 #endif
 #ifndef CAP
 #define CAP 1024 /* candidate slots per token: at least the longest sequence's block count */
@@ -98,6 +105,17 @@ inline void warp_best(float *key, int *idx, __local uint *wx) {
     const float ok = shfl_xor(*key, off, wx);
     const int oi = as_int(shfl_xor(as_float(*idx), off, wx));
     if (topk_ahead(ok, oi, *key, *idx)) *key = ok, *idx = oi;
+  }
+}
+
+/* The best (topk_ahead) of candidates c, c + step, ... below end of a token's importances;
+ * the sentinel (below KEY_TAKEN and every importance) where there is none. */
+inline void scan_best(__local const float *key, int c, int end, int step, float *bk, int *bc) {
+  *bk = -3.0f;
+  *bc = 0x7fffffff;
+  for (; c < end; c += step) {
+    const float kv = key[c];
+    if (topk_ahead(kv, c, *bk, *bc)) *bk = kv, *bc = c;
   }
 }
 
@@ -291,18 +309,16 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
     const int m = min(k.n, k.forced);
     if (lane < m) chosen[lane] = lane == 0 ? k.ic : lane == 1 ? k.ic - 1 : 0;
     __local float *key = imp + u * CAP;
+#if COLSEL
     /* Column l = lane holds candidates 1 + l + 32 j; (bk, bc_) is its best, the sentinel
      * (below KEY_TAKEN and every importance) where the column is empty. A round takes the
      * best of the 32 column bests, which is the best of all candidates; only the winner's
      * column changes, so only it is scanned again. Rounds never run out of untaken
      * candidates (k.n - forced < IC - 2), so a taken key never wins. */
     if (m < k.n) {
-      float bk = -3.0f;
-      int bc_ = 0x7fffffff;
-      for (int c = 1 + lane; c < k.ic - 1; c += 32) {
-        const float kv = key[c];
-        if (topk_ahead(kv, c, bk, bc_)) bk = kv, bc_ = c;
-      }
+      float bk;
+      int bc_;
+      scan_best(key, 1 + lane, k.ic - 1, 32, &bk, &bc_);
       for (int round = m; round < k.n; round++) {
         float wk = bk;
         int wc = bc_;
@@ -315,16 +331,26 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
         /* Column col again, lane j reading its candidate 1 + col + 32 j (and every 32nd j
          * after, for CAP > 1024); its owner keeps the new best. */
         const int col = (wc - 1) & 31;
-        float ck = -3.0f;
-        int cc = 0x7fffffff;
-        for (int c = 1 + col + 32 * lane; c < k.ic - 1; c += 32 * 32) {
-          const float kv = key[c];
-          if (topk_ahead(kv, c, ck, cc)) ck = kv, cc = c;
-        }
+        float ck;
+        int cc;
+        scan_best(key, 1 + col + 32 * lane, k.ic - 1, 32 * 32, &ck, &cc);
         warp_best(&ck, &cc, wx);
         if (lane == col) bk = ck, bc_ = cc;
       }
     }
+#else /* every round scans every candidate */
+    for (int round = m; round < k.n; round++) {
+      float bk;
+      int bc_;
+      scan_best(key, 1 + lane, k.ic - 1, 32, &bk, &bc_);
+      warp_best(&bk, &bc_, wx);
+      if (lane == 0) {
+        chosen[round] = bc_;
+        key[bc_] = KEY_TAKEN;
+      }
+      warp_sync(wx);
+    }
+#endif
     warp_sync(wx);
     for (int i = lane; i < k.n; i += 32) { /* ascending order */
       const int c = chosen[i];
