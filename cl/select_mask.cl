@@ -1,5 +1,7 @@
-/* The selection turned around for the backward of selected attention (semantics section
- * 7): for each kv head and block, which tokens selected it, as a bit mask, then cut into
+/* The selection turned around, for the kernels that walk selected attention block by
+ * block (the backward's dk/dv, and with small G its dq and the forward: host
+ * src/select_mask.c): for each kv head and block, which tokens selected it (positions =
+ * token indices: full sequences only), as a bit mask, then cut into
  * chunks of similar size so that a block every token selects (block 0 always is) is
  * shared among work-groups. Integer work only, no atomics: the result does not depend on
  * scheduling.

@@ -299,7 +299,11 @@ typedef struct clnsa_grads {
 
 /* The workspace holds the forward's intermediates: pooled keys/values, each branch's
  * output and lse (f32), the block indices. It is what the backward reads; its size
- * depends on the shapes, so query it, allocate a cl_mem, and wrap it. */
+ * depends on the shapes and on the context, so query it with the context that will run
+ * the pass, allocate a cl_mem, and wrap it. On the tensor-core path, small GQA groups add
+ * scratch for the kv-block-major selected kernels' per-slot partials: B*TQ*HQ*S*(DV + 1)
+ * floats in the forward (G <= 2), B*TQ*HQ*S*DK in the backward (G <= 4); see
+ * docs/PERFORMANCE.md. */
 typedef struct clnsa_workspace clnsa_workspace;
 
 /*! clnsa_forward_workspace_size() : bytes the forward needs (and keeps for backward). */

@@ -11,6 +11,9 @@
  *   bwd_dq_selected      (=)  \
  *   bwd_dq_compressed    (+=)  > q, k|k_cmp, v|v_cmp, do, lse_x, gate_x, delta_x -> dq_acc
  *   bwd_dq_window        (+=) /
+ *   (with G <= KVQ_MAX_G on tensor cores the selected dq is kv-block-major instead:
+ *   bwd_dq_selected_kvm_mma, one group per selection chunk -> dq partials per (row, slot),
+ *   then bwd_dq_merge (cl/selected_merge.cl) -> dq_acc (=))
  *   bwd_dkdv_selected    one work-group per (chunk, key slice): the chunk's tokens, all G
  *                        heads -> selected partial sums per chunk
  *   (bwd_dq_selected_mma and bwd_dkdv_selected_mma of cl/attend_bwd_mma.cl instead of the
@@ -39,6 +42,7 @@
  *        compressed partials [P, NC, DK], [P, NC, DV]  dk_cmp [NC, DK]  dv_cmp [NC, DV]
  *        selected partials [SLOTS, BS, DK], [SLOTS, BS, DV]
  *   u32/i32: mask [NC, NCH]  counts [NC]  offsets [NC + 1]  slot_row, slot_word [SLOTS]
+ *   f32, where the kv-block-major dq may run (kvq_possible): dq partials [NR, S, DK]
  * Every kernel is built before the first launch, so a build failure enqueues nothing. */
 #include <stdlib.h>
 #include <string.h>
