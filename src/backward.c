@@ -49,7 +49,6 @@
 
 #include "internal.h"
 
-#define SCRATCH_ALIGN 256
 #define BRANCH_SLC 0
 #define BRANCH_CMP 1
 #define BRANCH_SWA 2
@@ -71,12 +70,6 @@ typedef struct bwd_layout {
   size_t slots;   /* bound on the selected chunks */
 } bwd_layout;
 
-static size_t reserve(size_t *at, size_t elems) {
-  size_t off = (*at + SCRATCH_ALIGN - 1) / SCRATCH_ALIGN * SCRATCH_ALIGN;
-  *at = off + 4 * elems;
-  return off;
-}
-
 static int longest_sequence(const nsa_dims *d) {
   return d->seqs ? d->seqs->max_q : d->TQ;
 }
@@ -91,23 +84,23 @@ static void scratch_layout(const nsa_dims *d, bool kvq, bwd_layout *l) {
   l->nch = (int)((len + 31) / 32);
   l->slots = select_mask_slots(d, SEL_CHUNK);
   size_t at = 0;
-  l->gate = reserve(&at, 3 * nr);
-  l->delta = reserve(&at, 3 * nr);
-  l->dq = reserve(&at, nr * d->DK);
-  l->win_k = reserve(&at, nk * d->DK);
-  l->win_v = reserve(&at, nk * d->DV);
-  l->cmp_pk = reserve(&at, p * nc * d->DK);
-  l->cmp_pv = reserve(&at, p * nc * d->DV);
-  l->cmp_k = reserve(&at, nc * d->DK);
-  l->cmp_v = reserve(&at, nc * d->DV);
-  l->sel_k = reserve(&at, l->slots * d->BS * d->DK);
-  l->sel_v = reserve(&at, l->slots * d->BS * d->DV);
-  l->mask = reserve(&at, nc * (size_t)l->nch);
-  l->counts = reserve(&at, nc);
-  l->offsets = reserve(&at, nc + 1);
-  l->slot_row = reserve(&at, l->slots);
-  l->slot_word = reserve(&at, l->slots);
-  l->part_dq = kvq ? reserve(&at, nr * (size_t)d->S * d->DK) : 0;
+  l->gate = ws_reserve(&at, 3 * nr);
+  l->delta = ws_reserve(&at, 3 * nr);
+  l->dq = ws_reserve(&at, nr * d->DK);
+  l->win_k = ws_reserve(&at, nk * d->DK);
+  l->win_v = ws_reserve(&at, nk * d->DV);
+  l->cmp_pk = ws_reserve(&at, p * nc * d->DK);
+  l->cmp_pv = ws_reserve(&at, p * nc * d->DV);
+  l->cmp_k = ws_reserve(&at, nc * d->DK);
+  l->cmp_v = ws_reserve(&at, nc * d->DV);
+  l->sel_k = ws_reserve(&at, l->slots * d->BS * d->DK);
+  l->sel_v = ws_reserve(&at, l->slots * d->BS * d->DV);
+  l->mask = ws_reserve(&at, nc * (size_t)l->nch);
+  l->counts = ws_reserve(&at, nc);
+  l->offsets = ws_reserve(&at, nc + 1);
+  l->slot_row = ws_reserve(&at, l->slots);
+  l->slot_word = ws_reserve(&at, l->slots);
+  l->part_dq = kvq ? ws_reserve(&at, nr * (size_t)d->S * d->DK) : 0;
   l->end = at;
 }
 
@@ -122,6 +115,16 @@ static size_t kvq_local_bytes(const nsa_dims *d, bool emulate) {
          4 * (size_t)BWD_MMA_MASK_WORDS + (emulate ? 4 * 32 * 6 : 0);
 }
 
+/* The q, k, v part of bwd_mma_fits (below): one 16-bit type, head dims in 32-wide chunks
+ * within the accumulators' register budget, rows aligned to 16 bytes. */
+static bool bwd_mma_qkv_fit(const nsa_dims *d, const clnsa_inputs *in) {
+  const clnsa_dtype dt = in->q->dtype;
+  return (dt == CLNSA_F16 || dt == CLNSA_BF16) && in->k->dtype == dt && in->v->dtype == dt &&
+         d->DK % 32 == 0 && d->DV % 32 == 0 && d->DK <= 256 && d->DV <= 128 &&
+         tensor_rows_aligned16(in->q, d->DK) && tensor_rows_aligned16(in->k, d->DK) &&
+         tensor_rows_aligned16(in->v, d->DV);
+}
+
 /* Whether the selected dq may run kv-block-major (bwd_dq_selected_kvm_mma), so that its
  * partials are reserved: small G (as the forward's src/selected_kvm.c, CLNSA_TUNE
  * KVM_MAX_G; BWD_KVQ=0 turns it off) on the tensor-core path, q, k and v of one 16-bit
@@ -130,12 +133,8 @@ static size_t kvq_local_bytes(const nsa_dims *d, bool emulate) {
 static clnsa_status kvq_possible(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
                                  bool *kvq) {
   *kvq = false;
-  const clnsa_dtype dt = in->q->dtype;
   if (d->G > tuning_env_int("KVQ_MAX_G", 4, 0) || !tuning_env_int("BWD_KVQ", 1, 0) ||
-      (dt != CLNSA_F16 && dt != CLNSA_BF16) || in->k->dtype != dt || in->v->dtype != dt ||
-      d->DK % 32 || d->DV % 32 || d->DK > 256 || d->DV > 128 ||
-      !tensor_rows_aligned16(in->q, d->DK) || !tensor_rows_aligned16(in->k, d->DK) ||
-      !tensor_rows_aligned16(in->v, d->DV))
+      !bwd_mma_qkv_fit(d, in))
     return CLNSA_SUCCESS;
   int mode = MMA_OFF;
   CHECK_STATUS(mma_mode(ctx, &mode));
@@ -313,11 +312,8 @@ static void add_dtype_or(build_options *o, const char *role, const clnsa_tensor 
  * factor), head dims in 32-wide chunks with the accumulators' register budget (DK <= 256,
  * DV <= 128, as the forward), rows aligned to 16 bytes. */
 static bool bwd_mma_fits(const nsa_dims *d, const clnsa_inputs *in, const clnsa_tensor *d_o) {
-  const clnsa_dtype dt = in->q->dtype;
-  return (dt == CLNSA_F16 || dt == CLNSA_BF16) && in->k->dtype == dt && in->v->dtype == dt &&
-         d_o->dtype == dt && d->DK % 32 == 0 && d->DV % 32 == 0 && d->DK <= 256 && d->DV <= 128 &&
-         tensor_rows_aligned16(in->q, d->DK) && tensor_rows_aligned16(in->k, d->DK) &&
-         tensor_rows_aligned16(in->v, d->DV) && tensor_rows_aligned16(d_o, d->DV);
+  return bwd_mma_qkv_fit(d, in) && d_o->dtype == in->q->dtype &&
+         tensor_rows_aligned16(d_o, d->DV);
 }
 
 /* Local bytes a warp of bwd_dkdv_selected_mma holds (its kvl, rbuf, sbuf): the k and v A

@@ -300,6 +300,9 @@ typedef struct ws_views {
 } ws_views;
 void workspace_views(const clnsa_workspace *ws, const nsa_dims *d, const ws_layout *l,
                      ws_views *v);
+/* Workspace and scratch layouts: reserves `elems` 4-byte elements at the next offset that
+ * is a multiple of 256 bytes after *at, advances *at past them, returns the offset. */
+size_t ws_reserve(size_t *at, size_t elems);
 
 /* backward.c: bytes of scratch the backward needs after the forward's regions (0 where
  * no backward exists). */

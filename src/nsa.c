@@ -38,8 +38,7 @@ static size_t count4(int64_t a, int64_t b, int64_t c, int64_t d) {
   return (size_t)a * (size_t)b * (size_t)c * (size_t)d;
 }
 
-/* Reserves `elems` 4-byte elements at the next aligned offset. */
-static size_t reserve(size_t *at, size_t elems) {
+size_t ws_reserve(size_t *at, size_t elems) {
   size_t off = align_up(*at);
   *at = off + 4 * elems;
   return off;
@@ -49,16 +48,16 @@ static void workspace_layout(const nsa_dims *d, bool window, ws_layout *l) {
   const size_t rows = count4(d->B, d->TQ, d->HQ, 1);
   size_t at = 0;
   memset(l, 0, sizeof *l);
-  l->k_cmp = reserve(&at, count4(d->B, d->NB, d->H, d->DK));
-  l->v_cmp = reserve(&at, count4(d->B, d->NB, d->H, d->DV));
-  l->o_cmp = reserve(&at, rows * (size_t)d->DV);
-  l->lse_cmp = reserve(&at, rows);
-  l->block_indices = reserve(&at, count4(d->B, d->TQ, d->H, d->S));
-  l->o_slc = reserve(&at, rows * (size_t)d->DV);
-  l->lse_slc = reserve(&at, rows);
+  l->k_cmp = ws_reserve(&at, count4(d->B, d->NB, d->H, d->DK));
+  l->v_cmp = ws_reserve(&at, count4(d->B, d->NB, d->H, d->DV));
+  l->o_cmp = ws_reserve(&at, rows * (size_t)d->DV);
+  l->lse_cmp = ws_reserve(&at, rows);
+  l->block_indices = ws_reserve(&at, count4(d->B, d->TQ, d->H, d->S));
+  l->o_slc = ws_reserve(&at, rows * (size_t)d->DV);
+  l->lse_slc = ws_reserve(&at, rows);
   if (window) {
-    l->o_swa = reserve(&at, rows * (size_t)d->DV);
-    l->lse_swa = reserve(&at, rows);
+    l->o_swa = ws_reserve(&at, rows * (size_t)d->DV);
+    l->lse_swa = ws_reserve(&at, rows);
   }
   l->end = at;
   l->scratch = align_up(at);

@@ -12,7 +12,7 @@
  * slots by their lse. The price: the partials, B TQ HQ S (DV + 1) floats written and read
  * once, which grow with G; so it runs for G <= KVM_MAX_G (CLNSA_TUNE, default below).
  *
- *   select_mask_build/chunks/scan  block_indices -> mask, chunks of CHUNK tokens
+ *   select_mask_build/chunks/scan  block_indices -> mask, chunks of ~KVM_PASSES ROWS / G tokens
  *   attend_mma_fwd (MODE 3)        one group per chunk: partial o, lse per (row, slot)
  *   selected_merge                 partials -> o_slc, lse_slc
  *
@@ -23,7 +23,6 @@
  */
 #include "internal.h"
 
-#define KVM_ALIGN 256
 #define KVM_SCAN_WG 256
 
 typedef struct kvm_config {
@@ -36,25 +35,19 @@ typedef struct kvm_layout {
   int nch;
 } kvm_layout;
 
-static size_t reserve(size_t *at, size_t elems) {
-  size_t off = (*at + KVM_ALIGN - 1) / KVM_ALIGN * KVM_ALIGN;
-  *at = off + 4 * elems;
-  return off;
-}
-
 static void kvm_layout_of(const nsa_dims *d, const kvm_config *c, kvm_layout *l) {
   const size_t nc = (size_t)d->H * d->B * d->NB, nr = (size_t)d->B * d->TQ * d->HQ;
   const size_t len = (size_t)(d->seqs ? d->seqs->max_q : d->TQ);
   const size_t slots = select_mask_slots(d, c->chunk_tokens);
   l->nch = (int)((len + 31) / 32);
   size_t at = 0;
-  l->mask = reserve(&at, nc * (size_t)l->nch);
-  l->counts = reserve(&at, nc);
-  l->offsets = reserve(&at, nc + 1);
-  l->slot_row = reserve(&at, slots);
-  l->slot_word = reserve(&at, slots);
-  l->part_lse = reserve(&at, nr * d->S);
-  l->part_o = reserve(&at, nr * d->S * (size_t)d->DV);
+  l->mask = ws_reserve(&at, nc * (size_t)l->nch);
+  l->counts = ws_reserve(&at, nc);
+  l->offsets = ws_reserve(&at, nc + 1);
+  l->slot_row = ws_reserve(&at, slots);
+  l->slot_word = ws_reserve(&at, slots);
+  l->part_lse = ws_reserve(&at, nr * d->S);
+  l->part_o = ws_reserve(&at, nr * d->S * (size_t)d->DV);
   l->end = at;
 }
 
