@@ -525,6 +525,19 @@ static size_t seq_groups(const nsa_dims *d) {
   return (size_t)(d->seqs ? d->seqs->n : d->B);
 }
 
+/* The selection chunks (enqueue_selection's mask, offsets, slot rows and words), as the
+ * kernels that walk them take them. */
+static void args_selection(kargs *a, const bwd_plan *p) {
+  const bwd_layout *l = &p->lay;
+  arg_mem(a, p->buf);
+  arg_long(a, at(p, l->mask));
+  arg_int(a, l->nch);
+  arg_mem(a, p->buf);
+  arg_long(a, at(p, l->offsets));
+  arg_long(a, at(p, l->slot_row));
+  arg_long(a, at(p, l->slot_word));
+}
+
 /* The selected dq kv-block-major: one group per selection chunk (spare slots exit) writes
  * the partials, then bwd_dq_merge writes the dq accumulator. */
 static clnsa_status enqueue_dq_kvm(clnsa_context *ctx, const bwd_plan *p, enqueue_chain *c) {
@@ -534,13 +547,7 @@ static clnsa_status enqueue_dq_kvm(clnsa_context *ctx, const bwd_plan *p, enqueu
   kargs a = args_begin(p->dq[BRANCH_SLC]);
   args_attend(&a, p, BRANCH_SLC);
   arg_tensor(&a, &p->idx);
-  arg_mem(&a, p->buf);
-  arg_long(&a, at(p, l->mask));
-  arg_int(&a, l->nch);
-  arg_mem(&a, p->buf);
-  arg_long(&a, at(p, l->offsets));
-  arg_long(&a, at(p, l->slot_row));
-  arg_long(&a, at(p, l->slot_word));
+  args_selection(&a, p);
   arg_mem(&a, p->buf);
   arg_long(&a, at(p, l->gate));
   arg_long(&a, at(p, l->delta));
@@ -608,13 +615,7 @@ static clnsa_status enqueue_dkdv(clnsa_context *ctx, const bwd_plan *p, int x, e
   kargs a = args_begin(p->dkdv[x]);
   args_attend(&a, p, x);
   if (x == BRANCH_SLC) {
-    arg_mem(&a, p->buf);
-    arg_long(&a, at(p, l->mask));
-    arg_int(&a, l->nch);
-    arg_mem(&a, p->buf);
-    arg_long(&a, at(p, l->offsets));
-    arg_long(&a, at(p, l->slot_row));
-    arg_long(&a, at(p, l->slot_word));
+    args_selection(&a, p);
   }
   arg_mem(&a, p->buf);
   arg_long(&a, at(p, l->gate) + x * nr);
