@@ -28,16 +28,18 @@
  *    increasing order: S^T = Kc Q^T and dP^T = Vc do^T, then dv += (g P)^T do and dk +=
  *    dS^T Q (dkdv_step). The blocks' hi and lo A fragments wait in local memory (each lane
  *    its own KV_ALL slots, in mma register order, no synchronisation). Each step's 16 rows
- *    (q and do, RLD8-padded) wait there too, in two stages per warp: the next step's rows
- *    arrive by cp.async (and their lse, delta and gate by plain loads kept in registers
- *    for a step) while this step computes, since a step fed straight from global memory
- *    waited on L2 latency with nothing to hide it (2 warps per scheduler; H100, T = 65536:
- *    54.6 -> 25.7 ms). The warp owns its stages, so warp_sync suffices; rows past the
- *    walk copy its last row (lim = 0 masks them). One writer per block row, fixed order:
- *    deterministic. At DK = DV = 128: 30.5 KiB of local memory a warp (12 KiB fragments,
- *    18.5 KiB stages), so CKV_NW = 1 (NVIDIA's 48 KiB a group); ptxas
- *    (tools/ptx_check.sh) takes 255 registers but needs about 190 (-maxrregcount 192:
- *    same result), one word spilled outside the walk.
+ *    (q and do, RLD8-padded) wait there too, in two stages the group's warps share: the
+ *    next step's rows arrive by cp.async (each warp its share of every row; warp 0 loads
+ *    their lse, delta and gate by plain loads kept in registers for a step) while this
+ *    step computes, since a step fed straight from global memory waited on L2 latency with
+ *    nothing to hide it (2 warps per scheduler; H100, T = 65536: 54.6 -> 25.7 ms). The
+ *    group walks from its first block's last token on, so a warp's rows before its own
+ *    blocks are masked (lim); sharing the rows between two warps: 25.3 -> 21.5 ms. One
+ *    barrier a step, as in bwd_dkdv_selected_mma; rows past the walk copy its last row
+ *    (lim = 0 masks them). One writer per block row, fixed order: deterministic. At DK =
+ *    DV = 128: 12 KiB of fragments a warp and 18.5 KiB of stages a group, so CKV_NW = 2
+ *    (NVIDIA's 48 KiB a group); ptxas (tools/ptx_check.sh) takes 255 registers but needs
+ *    about 190 (-maxrregcount 192: same result), one word spilled outside the walk.
  * Masked pairs (block not yet complete at the row's token, row past the walk) get P = dS
  * = 0; loads past the end read zeros (dq) or a clamped row (dk/dv).
  *
@@ -54,7 +56,7 @@
 #define CKT 16 /* bwd_dq_compressed_mma: blocks per staged tile, a multiple of 16 */
 #endif
 #ifndef CKV_NW
-#define CKV_NW 1 /* bwd_dkdv_compressed_mma: warps per group, 16 blocks each (30.5 KiB each) */
+#define CKV_NW 1 /* bwd_dkdv_compressed_mma: warps per group, 16 blocks each (host: 2) */
 #endif
 #ifndef CV_SPLIT /* 1: v_cmp enters as bf16 hi + lo like k_cmp; 0: as its bf16 term only */
 #define CV_SPLIT 0
@@ -371,16 +373,18 @@ inline bool cmp_step_row(int ts, int gs, int r, int G, int tlast, int *t, int *g
   return in;
 }
 
-/* Stages the step whose first row is (ts, gs): this lane's cp.async copies of rows gid and
- * gid + 8 (its q and do units 4c + tig) into stage rows (only where copy, warp-uniform),
- * and returns the scalars of row gid + 8 (tig & 1) (lse, delta, gate bits, lim) for the
- * caller to store one step later, once its loads have had a step's time to arrive. */
+/* Stages the step whose first row is (ts, gs) into the group's stage rows: this lane's
+ * share (stage_row_copy, warp of CKV_NW) of rows gid and gid + 8, only where copy
+ * (group-uniform); warp 0 returns the scalars of row gid + 8 (tig & 1) (lse, delta, gate
+ * bits, lim) for it to store one step later, once its loads have had a step's time to
+ * arrive (other warps: zeros, unread). */
 inline __attribute__((always_inline)) uint4 kv_stage(__local uint4 *rows, bool copy, int ts, int gs,
                                                      int tlast, cmp_seq sp, int h, int G, int BS,
                                                      CTENSOR(Q_DT, q), CTENSOR(DO_DT, dout),
                                                      CTENSOR(0, lse), __global const float *gate,
                                                      __global const float *delta, int TQ, int HQ) {
   const int lane = get_local_id(0) & 31, gid = lane >> 2, tig = lane & 3;
+  const int warp = get_local_id(0) >> 5;
   int t[2], g[2];
   bool in[2];
 #pragma unroll
@@ -388,15 +392,11 @@ inline __attribute__((always_inline)) uint4 kv_stage(__local uint4 *rows, bool c
     in[rh] = cmp_step_row(ts, gs, gid + 8 * rh, G, tlast, &t[rh], &g[rh]);
     if (copy) {
       const int tok = sp.t0 + t[rh], hq = h * G + g[rh];
-      __local uint4 *d = rows + (gid + 8 * rh) * RLD8 + tig;
-      __global const STORAGE(Q_DT) *qr = q + TIDX(q, sp.b, tok, hq) + 8 * tig;
-      __global const STORAGE(DO_DT) *orow = dout + TIDX(dout, sp.b, tok, hq) + 8 * tig;
-#pragma unroll
-      for (int c = 0; c < DKC; c++) cp_async16(d + 4 * c, qr + 32 * c);
-#pragma unroll
-      for (int c = 0; c < DVC; c++) cp_async16(d + DK / 8 + 4 * c, orow + 32 * c);
+      stage_row_copy(rows + (gid + 8 * rh) * RLD8 + tig, q + TIDX(q, sp.b, tok, hq) + 8 * tig,
+                     dout + TIDX(dout, sp.b, tok, hq) + 8 * tig, warp, CKV_NW);
     }
   }
+  if (warp != 0) return (uint4)(0u);
   const int x = tig & 1, ti = x ? t[1] : t[0], tok = sp.t0 + ti, hq = h * G + (x ? g[1] : g[0]);
   const long rs = ((long)sp.b * TQ + tok) * HQ + hq;
   const int lim = (x ? in[1] : in[0]) ? min(sp.nb, (ti + 1) / BS) : 0;
@@ -407,22 +407,23 @@ inline __attribute__((always_inline)) uint4 kv_stage(__local uint4 *rows, bool c
 /* Partial sums over token chunk (group % chunks) of 16 CKV_NW blocks: [chunks, B*NB, H, D]
  * as bwd_dkdv_compressed. Warp w owns blocks 16w .. 16w + 15 of the group (the M side of
  * every product, their f32 rows split into hi and lo A fragments that wait in local
- * memory) and walks the chunk's rows that see its first block, 16 per step (dkdv_step),
- * each step's rows staged by cp.async one step ahead (its own two stages: only warp_sync). */
+ * memory); the group walks the chunk's rows that see its first block, 16 per step
+ * (dkdv_step; rows before a warp's blocks see none of them: lim masks them), each step's
+ * rows staged once for the group by cp.async one step ahead (two stages the warps share). */
 __kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_compressed_mma(
     CTENSOR(Q_DT, q), CTENSOR(0, kc), CTENSOR(0, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
     __global float *ws, long gate_off, long delta_off, long dk_off, long dv_off, float scale,
     int chunks, int ctok, int BS, SEQ_ARGS) {
   __local uint4 kvl[KV_ALL * 32 * CKV_NW] __attribute__((aligned(16)));
-  __local uint4 rbuf[CKV_NW * 2 * 16 * RLD8] __attribute__((aligned(16))); /* 2 stages a warp */
-  __local uint4 sbuf[CKV_NW * 2 * 16] __attribute__((aligned(16)));        /* their scalars */
+  __local uint4 rbuf[2 * 16 * RLD8] __attribute__((aligned(16))); /* the group's 2 stages */
+  __local uint4 sbuf[2 * 16] __attribute__((aligned(16)));         /* their scalars */
   WARP_SCRATCH(wx);
   const cmp_seq sp = cmp_sequence(cu, nseq, TQ, NB, get_group_id(1));
   const int h = get_group_id(2), G = HQ / H, grp = get_group_id(0), chunk = grp % chunks;
   const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5;
   const int gid = lane >> 2, tig = lane & 3, S = 32 * CKV_NW;
-  const int kw = (grp / chunks) * 16 * CKV_NW + 16 * warp;
-  if (kw >= sp.nb) return; /* no barrier below: warps may leave on their own */
+  const int kw0 = (grp / chunks) * 16 * CKV_NW, kw = kw0 + 16 * warp;
+  if (kw0 >= sp.nb) return; /* the whole group: warps past nb walk with zero fragments */
   (void)TK;
   __global const float *gate = ws + gate_off, *delta = ws + delta_off;
 
@@ -466,31 +467,31 @@ __kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_
   zero_tiles(ak, DK / 8);
   zero_tiles(av, DV / 8);
 
-  /* tokens of the chunk from the end of the warp's first block on, 16 flattened rows
+  /* tokens of the chunk from the end of the group's first block on, 16 flattened rows
    * (token * G + g) per step */
-  const int tfirst = (int)max((long)(kw + 1) * BS - 1, (long)chunk * ctok);
+  const int tfirst = (int)max((long)(kw0 + 1) * BS - 1, (long)chunk * ctok);
   const int tlast = (int)min((long)sp.len - 1, (long)(chunk + 1) * ctok - 1);
   const int nsteps = tlast < tfirst ? 0 : (int)(((long)(tlast - tfirst + 1) * G + 15) / 16);
-  __local uint4 *rows = rbuf + warp * 2 * 16 * RLD8, *rsc = sbuf + warp * 2 * 16;
+  __local uint4 *rows = rbuf, *rsc = sbuf;
   int ts = tfirst, gs = 0; /* first row of the step staged last */
   uint4 sc = kv_stage(rows, nsteps > 0, ts, gs, tlast, sp, h, G, BS, TPASS(q), TPASS(dout),
                       TPASS(lse), gate, delta, TQ, HQ);
   cp_async_commit();
   for (int s = 0; s < nsteps; s++) {
     const int cur = s & 1;
-    /* stage cur was last read by step s - 2, stage cur ^ 1 by step s - 1: both are free */
-    if (tig < 2) rsc[16 * cur + gid + 8 * tig] = sc;
+    /* scalars cur were last read by step s - 2 (every warp is past step s - 1's barrier) */
+    if (warp == 0 && tig < 2) rsc[16 * cur + gid + 8 * tig] = sc;
+    cp_async_wait(0);              /* this lane's copies of step s have landed */
+    barrier(CLK_LOCAL_MEM_FENCE); /* and every warp's, with the scalars; every warp is past
+                                    * step s - 1, so stage cur ^ 1 is free */
     gs += 16;
     ts += (int)((uint)gs / (uint)G);
     gs = (int)((uint)gs % (uint)G);
     sc = kv_stage(rows + 16 * RLD8 * (cur ^ 1), s + 1 < nsteps, ts, gs, tlast, sp, h, G, BS,
                   TPASS(q), TPASS(dout), TPASS(lse), gate, delta, TQ, HQ);
     cp_async_commit();
-    cp_async_wait(1); /* this lane's copies of step s have landed */
-    warp_sync(wx);    /* and every lane's, with the scalars */
     dkdv_step(ak, av, kvl + lid, S, kw, rows + 16 * RLD8 * cur + gid * RLD8 + tig,
               rsc + 16 * cur + 2 * tig, sl2, wx);
-    warp_sync(wx); /* stage cur consumed before step s + 2 refills it */
   }
   cp_async_wait(0);
   /* the sequence read again: its c0 need not stay in a register through the walk */

@@ -22,12 +22,14 @@
  * bwd_dq_selected_mma: a group owns 16 query heads of one token (16 rows: one mma tile;
  * G < 16 leaves rows idle) and the token's selected key slots (deduplicated blocks back to
  * back, as in the portable kernel). Its DQ_NW warps split the key slots in tiles of KT:
- * warp w takes tiles w, w + DQ_NW, ... Per tile: S and dP (A = q and do rows held in
- * registers for the whole walk, B = k and v rows), P and dS in the C layout, which packs
- * into the A fragment of dq += dS K (B = the same k words through movmatrix, kept from
- * S). KT = 16: ptxas for sm_90 gives 234 registers and no spills at DK = DV = 128
- * (tools/ptx_check.sh); KT = 32 spills, the k words of a tile staying live. Each warp
- * keeps 16 x DK f32 partial dq;
+ * warp w takes tiles w, w + DQ_NW, ... Per tile: S and dP (A = q and do rows, B = k and
+ * v rows), P and dS in the C layout, which packs into the A fragment of dq += dS K (B =
+ * the same k words through movmatrix, kept from S). The q and do A fragments wait in
+ * local memory (DQ_QLOCAL, loaded once by the group's warps) rather than in 64 registers
+ * a lane, and every k and v load of a tile is issued before its first mma (H100, G = 16,
+ * T = 65536: 38.2 -> 36.3 ms). KT = 16: ptxas for sm_90 gives 224 registers and no
+ * spills at DK = DV = 128 (tools/ptx_check.sh; 234 with the fragments in registers); KT
+ * = 32 spills, the k words of a tile staying live. Each warp keeps 16 x DK f32 partial dq;
  * at the end warp 0 writes them to local memory and warps 1, 2, ... add theirs in that
  * order, so dq = scale ((w0 + w1) + w2) + ... whatever the scheduling.
  *
@@ -42,16 +44,21 @@
  * fragments stay for the whole walk; they wait in local memory (each lane its own slots,
  * in mma register order, so no synchronisation) to leave the registers to the two
  * accumulators (DK/2 + DV/2 floats a lane). Each step's 16 rows (q and do, RLD8-padded)
- * wait there too, in two stages per warp: the next step's rows arrive by cp.async (their
- * lse, delta, gate and mask limit by plain loads kept in registers for a step) while this
- * step computes, as in bwd_dkdv_compressed_mma (cl/attend_bwd_cmp_mma.cl), rather than
- * each step waiting on its global loads. The mask is expanded MASK_WORDS words at a time
- * (barriers: every warp runs the same windows and steps), and each window stages its
- * first step before its step loop; rows past the window copy its last row (lim = 0 masks
- * them). The warp owns its stages, so warp_sync suffices within a window. At DK = DV = 128
- * a warp holds 26.5 KiB (8 KiB fragments, 18.5 KiB stages and scalars), so one warp a
- * group (src/backward.c lowers KV_NW to fit 48 KiB); ptxas (tools/ptx_check.sh): 255
- * registers, 28 bytes of spill (unstaged: 254 and 8; DK = 192: 28, unstaged 228).
+ * wait there too, in two stages that the group's warps share: the next step's rows
+ * arrive by cp.async (each warp copies its share of every row, stage_row_copy; warp 0
+ * loads their lse, delta, gate and mask limit by plain loads kept in registers for a
+ * step) while this step computes, as in bwd_dkdv_compressed_mma
+ * (cl/attend_bwd_cmp_mma.cl), rather than each step waiting on its global loads. One
+ * barrier a step: after it the step's rows are in and every warp is past the previous
+ * step, whose stage the next copies then refill. Sharing the stage reads each row from
+ * L2 once per group instead of once per warp (H100, G = 16, T = 65536: one warp a group
+ * with its own stages 42.9 ms, two sharing 28.8). The mask is expanded MASK_WORDS words
+ * at a time (barriers: every warp runs the same windows and steps), and each window
+ * stages its first step before its step loop; rows past the window copy its last row
+ * (lim = 0 masks them). At DK = DV = 128 a warp's fragments take 8 KiB and the group's
+ * stages 18.5 KiB, so two warps a group (src/backward.c lowers KV_NW to fit 48 KiB and
+ * divide the block); ptxas (tools/ptx_check.sh): 255 registers, 32 bytes of spill
+ * (per-warp stages: 255 and 28; unstaged: 254 and 8; DK = 192: 28, unstaged 228).
  *
  * Masked pairs (key position after the row's token, key past the block or sequence, row
  * past the group's rows) get P = dS = 0; loads of keys or rows past the end read zeros
@@ -73,6 +80,9 @@
 #endif
 #ifndef KT
 #define KT 16 /* bwd_dq_selected_mma: key slots per warp step, a multiple of 16 */
+#endif
+#ifndef DQ_QLOCAL /* bwd_dq_selected_mma: q and do A fragments read from local memory (1) */
+#define DQ_QLOCAL 1
 #endif
 #ifndef MASK_WORDS
 #define MASK_WORDS 16 /* bwd_dkdv_selected_mma: selection-mask words expanded at once */
@@ -173,6 +183,11 @@ __kernel __attribute__((reqd_work_group_size(32 * DQ_NW, 1, 1))) void bwd_dq_sel
     long dq_off, float scale, int S, int BS, SEQ_ARGS) {
   __local int sel[3 * MAX_S];
   __local float part[16 * DQ_ST];
+#if DQ_QLOCAL
+  /* the group's 16 rows of q and do as A fragment words: unit (c, rh) of lane l at
+   * qdl[(c * 2 + rh) * 32 + l] (q chunks c < DKC, then do), each warp reading them back */
+  __local uint4 qdl[(DKC + DVC) * 2 * 32] __attribute__((aligned(16)));
+#endif
   WARP_SCRATCH(wx);
   const bwd_seq sp = bwd_sequence(cu, nseq, TQ, get_group_id(1));
   const int h = get_group_id(2), G = HQ / H, chunks = (G + 15) / 16;
@@ -188,7 +203,16 @@ __kernel __attribute__((reqd_work_group_size(32 * DQ_NW, 1, 1))) void bwd_dq_sel
 
   /* This lane's rows gid and gid + 8: heads g0 + gid (+ 8) of the token. */
   float lse2[2], del[2], gt[2];
+#if DQ_QLOCAL
+  /* q and do wait in local memory rather than in 64 registers a lane: the registers go to
+   * the tile's K and V loads, all issued before its mma (warp w loads chunks w, w + DQ_NW) */
+#define QF(c, rh) qdl[((c) * 2 + (rh)) * 32 + lane]
+#define DOF(c, rh) qdl[((DKC + (c)) * 2 + (rh)) * 32 + lane]
+#else
   uint4 qf[DKC][2], dof[DVC][2];
+#define QF(c, rh) qf[c][rh]
+#define DOF(c, rh) dof[c][rh]
+#endif
 #pragma unroll
   for (int rh = 0; rh < 2; rh++) {
     const int g = g0 + gid + 8 * rh, hq = h * G + g;
@@ -198,11 +222,17 @@ __kernel __attribute__((reqd_work_group_size(32 * DQ_NW, 1, 1))) void bwd_dq_sel
     del[rh] = ok ? delta[rs] : 0.0f;
     gt[rh] = ok ? gate[rs] : 0.0f;
 #pragma unroll
-    for (int c = 0; c < DKC; c++) qf[c][rh] = LD8(q, TIDX(q, sp.b, tok, hq) + 32 * c + 8 * tig, ok);
+    for (int c = 0; c < DKC; c++)
+      if (!DQ_QLOCAL || c % DQ_NW == warp)
+        QF(c, rh) = LD8(q, TIDX(q, sp.b, tok, hq) + 32 * c + 8 * tig, ok);
 #pragma unroll
     for (int c = 0; c < DVC; c++)
-      dof[c][rh] = LD8(dout, TIDX(dout, sp.b, tok, hq) + 32 * c + 8 * tig, ok);
+      if (!DQ_QLOCAL || (DKC + c) % DQ_NW == warp)
+        DOF(c, rh) = LD8(dout, TIDX(dout, sp.b, tok, hq) + 32 * c + 8 * tig, ok);
   }
+#if DQ_QLOCAL
+  barrier(CLK_LOCAL_MEM_FENCE);
+#endif
   const float sl2 = scale * M_LOG2E_F;
   float acc[DK / 8][4];
 #pragma unroll
@@ -213,6 +243,39 @@ __kernel __attribute__((reqd_work_group_size(32 * DQ_NW, 1, 1))) void bwd_dq_sel
      * dq (the B fragments of dS K are the same words through movmatrix) */
     float s[NT][4], dp[NT][4];
     uint4 kt[NT][DKC];
+#if DQ_QLOCAL
+    /* every K and V load of the tile in flight before the first mma */
+    uint4 vt[NT][DVC];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      const int u = k0 + 8 * nt + gid;
+      const bool ok = slot_visible(u, nkeys, blist, BS, i); /* else maybe past the sequence */
+      const long row = slot_row(u, nkeys, blist, BS, sp.t0);
+      const long ka = TIDX(k, sp.b, row, h) + 8 * tig, va = TIDX(v, sp.b, row, h) + 8 * tig;
+#pragma unroll
+      for (int c = 0; c < DKC; c++) kt[nt][c] = LD8(k, ka + 32 * c, ok);
+#pragma unroll
+      for (int c = 0; c < DVC; c++) vt[nt][c] = LD8(v, va + 32 * c, ok);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+      dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+    }
+    /* each A fragment read from local memory once for the NT tiles */
+#pragma unroll
+    for (int c = 0; c < DKC; c++) {
+      const uint4 a0 = QF(c, 0), a1 = QF(c, 1);
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) mma_dims(s[nt], a0, a1, kt[nt][c], wx);
+    }
+#pragma unroll
+    for (int c = 0; c < DVC; c++) {
+      const uint4 a0 = DOF(c, 0), a1 = DOF(c, 1);
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) mma_dims(dp[nt], a0, a1, vt[nt][c], wx);
+    }
+#else
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
       const int u = k0 + 8 * nt + gid;
@@ -224,12 +287,13 @@ __kernel __attribute__((reqd_work_group_size(32 * DQ_NW, 1, 1))) void bwd_dq_sel
 #pragma unroll
       for (int c = 0; c < DKC; c++) {
         kt[nt][c] = LD8(k, ka + 32 * c, ok);
-        mma_dims(s[nt], qf[c][0], qf[c][1], kt[nt][c], wx);
+        mma_dims(s[nt], QF(c, 0), QF(c, 1), kt[nt][c], wx);
       }
 #pragma unroll
       for (int c = 0; c < DVC; c++)
-        mma_dims(dp[nt], dof[c][0], dof[c][1], LD8(v, va + 32 * c, ok), wx);
+        mma_dims(dp[nt], DOF(c, 0), DOF(c, 1), LD8(v, va + 32 * c, ok), wx);
     }
+#endif
     /* dS in place of S: element e is row gid + 8 (e >> 1), slot k0 + 8nt + 2tig + (e & 1) */
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
@@ -249,6 +313,8 @@ __kernel __attribute__((reqd_work_group_size(32 * DQ_NW, 1, 1))) void bwd_dq_sel
       for (int c = 0; c < DKC; c++) mma_rows(acc + 4 * c, a, kt[2 * ks][c], kt[2 * ks + 1][c], wx);
     }
   }
+#undef QF
+#undef DOF
 
   /* Sum the warps' partials in warp order, then write scale * dq (coalesced). */
   for (int w = 0; w < DQ_NW; w++) {
@@ -355,37 +421,53 @@ inline __attribute__((always_inline)) void dkdv_tail(float (*ak)[4], float (*av)
 #define TPASS(t) t, t##_off, t##_s0, t##_s1, t##_s2 /* a CTENSOR passed on */
 #endif
 
-/* Stages rows f0 .. f0 + 15 of the walk (list, nrows): this lane's cp.async copies of rows
- * f0 + gid and f0 + gid + 8 (q and do units 4c + tig) into stage rows, only where copy
- * (warp-uniform); rows past the walk copy its last row (walk_row clamps). Returns the
- * scalars of row f0 + gid + 8 (tig & 1) for the caller to store one step later, once its
- * loads have had a step's time to arrive. Scalars are only read for rows in the walk, so
- * an empty walk (nrows = 0) reads no tensor. */
+/* This lane's cp.async copies of one staged row (q units 4c + tig from qr, do units from
+ * orow, into d = the row at unit tig) where the group's nw warps share the stage: warp w
+ * takes the 32-element chunks j = w, w + nw, ... of the row's DK / 32 + DV / 32, so that
+ * the rows of a step are read from L2 once for the whole group. */
+inline __attribute__((always_inline)) void stage_row_copy(__local uint4 *d,
+                                                          __global const STORAGE(Q_DT) *qr,
+                                                          __global const STORAGE(DO_DT) *orow,
+                                                          int warp, int nw) {
+#pragma unroll
+  for (int j = 0; j < DKC + DVC; j++) {
+    if (j % nw != warp) continue;
+    if (j < DKC)
+      cp_async16(d + 4 * j, qr + 32 * j);
+    else
+      cp_async16(d + DK / 8 + 4 * (j - DKC), orow + 32 * (j - DKC));
+  }
+}
+
+/* Stages rows f0 .. f0 + 15 of the walk (list, nrows) into the group's stage rows: this
+ * lane's share (stage_row_copy, warp of KV_NW) of rows f0 + gid and f0 + gid + 8, only
+ * where copy (group-uniform); rows past the walk copy its last row (walk_row clamps).
+ * Warp 0 returns the scalars of row f0 + gid + 8 (tig & 1) for it to store one step
+ * later, once its loads have had a step's time to arrive (other warps: zeros, unread).
+ * Scalars are only read for rows in the walk, so an empty walk (nrows = 0) reads no
+ * tensor. */
 inline __attribute__((always_inline)) uint4
 sel_stage(__local uint4 *rows, bool copy, int f0, int nrows, __local const int *list, crow blk,
           int h, int G, int kend, CTENSOR(Q_DT, q), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
           __global const float *gate, __global const float *delta, int TQ, int HQ) {
   const int lane = get_local_id(0) & 31, gid = lane >> 2, tig = lane & 3;
+  const int warp = get_local_id(0) >> 5;
   step_row r[2];
 #pragma unroll
   for (int rh = 0; rh < 2; rh++) {
     r[rh] = walk_row(f0 + gid + 8 * rh, nrows, list, h, G);
     if (copy) {
       const long tok = blk.kstart + r[rh].t;
-      __local uint4 *d = rows + (gid + 8 * rh) * RLD8 + tig;
-      __global const STORAGE(Q_DT) *qr = q + TIDX(q, blk.b, tok, r[rh].hq) + 8 * tig;
-      __global const STORAGE(DO_DT) *orow = dout + TIDX(dout, blk.b, tok, r[rh].hq) + 8 * tig;
-#pragma unroll
-      for (int c = 0; c < DKC; c++) cp_async16(d + 4 * c, qr + 32 * c);
-#pragma unroll
-      for (int c = 0; c < DVC; c++) cp_async16(d + DK / 8 + 4 * c, orow + 32 * c);
+      stage_row_copy(rows + (gid + 8 * rh) * RLD8 + tig,
+                     q + TIDX(q, blk.b, tok, r[rh].hq) + 8 * tig,
+                     dout + TIDX(dout, blk.b, tok, r[rh].hq) + 8 * tig, warp, KV_NW);
     }
   }
   const step_row e = (tig & 1) ? r[1] : r[0];
+  const bool ok = e.ok && warp == 0;
   const long tok = blk.kstart + e.t, rs = ((long)blk.b * TQ + tok) * HQ + e.hq;
-  return (uint4)(e.ok ? as_uint(lse[TIDX(lse, blk.b, tok, e.hq)]) : 0u,
-                 e.ok ? as_uint(delta[rs]) : 0u, e.ok ? as_uint(gate[rs]) : 0u,
-                 e.ok ? (uint)min(kend, e.t + 1) : 0u);
+  return (uint4)(ok ? as_uint(lse[TIDX(lse, blk.b, tok, e.hq)]) : 0u, ok ? as_uint(delta[rs]) : 0u,
+                 ok ? as_uint(gate[rs]) : 0u, ok ? (uint)min(kend, e.t + 1) : 0u);
 }
 
 #if KV_LOCAL
@@ -407,8 +489,8 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
 #if KV_LOCAL
   __local uint4 kvl[2 * (DKC + DVC) * 32 * KV_NW] __attribute__((aligned(16)));
 #endif
-  __local uint4 rbuf[KV_NW * 2 * 16 * RLD8] __attribute__((aligned(16))); /* 2 stages a warp */
-  __local uint4 sbuf[KV_NW * 2 * 16] __attribute__((aligned(16)));         /* their scalars */
+  __local uint4 rbuf[2 * 16 * RLD8] __attribute__((aligned(16))); /* the group's 2 stages */
+  __local uint4 sbuf[2 * 16] __attribute__((aligned(16)));         /* their scalars */
   WARP_SCRATCH(wx);
   __global const int *offsets = sel + offsets_off;
   const int keys_per_group = 16 * KV_NW, parts = (BS + keys_per_group - 1) / keys_per_group;
@@ -461,10 +543,11 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
   __global const uint *mrow = mask + mask_off + (long)srow * NCH;
   const int wend = slot + 1 < offsets[srow + 1] ? sel[slot_word_off + slot + 1]
                                                 : (blk.tk + 31) / 32;
-  __local uint4 *rows = rbuf + warp * 2 * 16 * RLD8, *rsc = sbuf + warp * 2 * 16;
+  __local uint4 *rows = rbuf, *rsc = sbuf;
   /* the group's walk, MASK_WORDS words of the mask at a time (the same trip counts and
    * barriers for every warp: nrows is the group's); each window stages its first step
-   * before its step loop, every step the next one */
+   * before its step loop (mask_expand's first barrier: every warp is past the previous
+   * window's steps), every step the next one */
   for (int w0 = sel[slot_word_off + slot]; w0 < wend; w0 += MASK_WORDS) {
     const int nrows = mask_expand(mrow, w0, wend, words, list) * G, nsteps = (nrows + 15) / 16;
     uint4 sc = sel_stage(rows, nsteps > 0, 0, nrows, list, blk, h, G, kend, TPASS(q),
@@ -472,13 +555,14 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
     cp_async_commit();
     for (int s = 0; s < nsteps; s++) {
       const int cur = s & 1;
-      /* stage cur was last read by step s - 2, stage cur ^ 1 by step s - 1: both free */
-      if (tig < 2) rsc[16 * cur + gid + 8 * tig] = sc;
+      /* scalars cur were last read by step s - 2 (every warp is past step s - 1's barrier) */
+      if (warp == 0 && tig < 2) rsc[16 * cur + gid + 8 * tig] = sc;
+      cp_async_wait(0);              /* this lane's copies of step s have landed */
+      barrier(CLK_LOCAL_MEM_FENCE); /* and every warp's, with the scalars; every warp is
+                                      * past step s - 1, so stage cur ^ 1 is free */
       sc = sel_stage(rows + 16 * RLD8 * (cur ^ 1), s + 1 < nsteps, 16 * (s + 1), nrows, list,
                      blk, h, G, kend, TPASS(q), TPASS(dout), TPASS(lse), gate, delta, TQ, HQ);
       cp_async_commit();
-      cp_async_wait(1); /* this lane's copies of step s have landed */
-      warp_sync(wx);    /* and every lane's, with the scalars */
       /* rw: the stage's row gid at unit tig (row 8nt + gid, a B column, at rw[8nt RLD8]);
        * rsc0: the scalars of row 2tig (row 8nt + 2tig + x, a C column, at rsc0[8nt + x]) */
       __local const uint4 *rw = rows + 16 * RLD8 * cur + gid * RLD8 + tig;
@@ -510,7 +594,6 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
       }
       warp_sync(wx);
       dkdv_tail(ak, av, st, dpt, rw, rsc0, kw, sl2, wx);
-      warp_sync(wx); /* stage cur consumed before step s + 2 refills it */
     }
   }
   cp_async_wait(0);

@@ -316,33 +316,43 @@ static bool bwd_mma_fits(const nsa_dims *d, const clnsa_inputs *in, const clnsa_
          tensor_rows_aligned16(d_o, d->DV);
 }
 
-/* Local bytes a warp of bwd_dkdv_selected_mma holds (its kvl, rbuf, sbuf): the k and v A
- * fragment slots of its 16 keys (2 (DK/32 + DV/32) 16-byte slots a lane) and two stages
- * of 16 rows (q and do, RLD8 16-byte units a row) with their 16-byte scalars. */
-static size_t sel_dkdv_warp_bytes(const nsa_dims *d) {
+/* Local bytes of the two stages of 16 rows (q and do, RLD8 16-byte units a row) with their
+ * 16-byte scalars that the warps of a dk/dv group share (rbuf, sbuf of
+ * bwd_dkdv_selected_mma and bwd_dkdv_compressed_mma). */
+static size_t dkdv_stage_bytes(const nsa_dims *d) {
   const size_t rld8 = ((size_t)(d->DK + d->DV) / 8) | 4; /* RLD8 */
-  return 16 * 32 * 2 * (size_t)(d->DK / 32 + d->DV / 32) + 2 * 16 * 16 * (rld8 + 1);
+  return 2 * 16 * 16 * (rld8 + 1);
+}
+
+/* Local bytes a warp of bwd_dkdv_selected_mma holds alone (its part of kvl): the k and v
+ * A fragment slots of its 16 keys, 2 (DK/32 + DV/32) 16-byte slots a lane. */
+static size_t sel_dkdv_warp_bytes(const nsa_dims *d) {
+  return 16 * 32 * 2 * (size_t)(d->DK / 32 + d->DV / 32);
 }
 
 /* Warps per group of the two kernels and whether their local arrays fit: dq takes 2
  * warps that split a token's key slots (H100, bf16 G=16 D=128: backward 14.6 / 178.5 ms at
  * 8k / 64k with 2, 15.3 / 184.3 with 4, 18.3 / 207 with 8); dkdv one warp per 16 keys of a
- * block, up to 4, lowered until the group fits local memory: with its staged rows a warp
- * holds 26.5 KiB at DK = DV = 128 (1 warp a group in NVIDIA's 48 KiB), 9.5 KiB at DK =
- * 64, DV = 32 (4 warps). The emulation runs one warp per group. */
+ * block (BWD_KV_NW, up to 4), lowered until the group fits local memory and the warps
+ * divide the block's 16-key slices: the group's staged rows take 18.5 KiB, a warp's
+ * fragments 8 KiB at DK = DV = 128 (2 warps in NVIDIA's 48 KiB), 3 KiB at DK = 64, DV =
+ * 32 (4 warps). The emulation runs one warp per group. */
 static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool emulate,
                               bwd_plan *p) {
   const int per_block = (d->BS + 15) / 16;
   p->dq_nw = emulate ? 1 : tuning_env_int("BWD_MMA_NW", 2, 1);
   /* the compressed kernels (bwd_mma_cmp_configure may lower ckv_nw to fit) */
   p->cq_nw = emulate ? 1 : tuning_env_int("BWD_CQ_NW", 4, 1);
-  p->ckv_nw = emulate ? 1 : tuning_env_int("BWD_CKV_NW", 1, 1);
-  p->kv_nw = emulate ? 1 : per_block < 4 ? per_block : 4;
+  p->ckv_nw = emulate ? 1 : tuning_env_int("BWD_CKV_NW", 2, 1);
+  p->kv_nw = emulate ? 1 : tuning_env_int("BWD_KV_NW", 4, 1);
+  if (p->kv_nw > per_block) p->kv_nw = per_block;
   if (ctx->info.local_mem <= 1024) return false;
   const size_t scratch = emulate ? 4 * 32 * 6 : 0, room = ctx->info.local_mem - 1024;
   const size_t dq_bytes = 4 * (3 * (size_t)CLNSA_MAX_BLOCK_COUNT + 16 * ((size_t)d->DK + 4));
-  const size_t kv_list = 4 * 33 * (size_t)BWD_MMA_MASK_WORDS, kv_warp = sel_dkdv_warp_bytes(d);
-  while (p->kv_nw > 1 && kv_list + kv_warp * p->kv_nw + scratch > room) p->kv_nw--;
+  const size_t kv_list = 4 * 33 * (size_t)BWD_MMA_MASK_WORDS + dkdv_stage_bytes(d);
+  const size_t kv_warp = sel_dkdv_warp_bytes(d);
+  while (p->kv_nw > 1 && (kv_list + kv_warp * p->kv_nw + scratch > room || per_block % p->kv_nw))
+    p->kv_nw--;
   const size_t kv_bytes = kv_list + kv_warp * p->kv_nw;
   const size_t most = dq_bytes > kv_bytes ? dq_bytes : kv_bytes;
   const int nw = p->dq_nw > p->kv_nw ? p->dq_nw : p->kv_nw;
@@ -351,24 +361,22 @@ static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool 
   return d->DK + d->DV <= 320 && (size_t)(32 * nw) <= ctx->info.max_wg && most + scratch <= room;
 }
 
-/* Local bytes a warp of bwd_dkdv_compressed_mma holds (its kvl, rbuf, sbuf): the A
- * fragment slots of its 16 blocks (KV_ALL 16-byte slots a lane) and two stages of 16 rows
- * (q and do, RLD8 16-byte units a row) with their 16-byte scalars. */
+/* Local bytes a warp of bwd_dkdv_compressed_mma holds alone (its part of kvl): the A
+ * fragment slots of its 16 blocks, KV_ALL 16-byte slots a lane. */
 static size_t cmp_dkdv_warp_bytes(const nsa_dims *d) {
   const size_t dkc = (size_t)d->DK / 32, dvc = (size_t)d->DV / 32;
   const size_t cv_split = tuning_env_int("CV_SPLIT", 0, 0) ? 1 : 0;
   const size_t slots = 2 * (dkc + dvc) + 2 * dkc + cv_split * 2 * dvc; /* KV_ALL */
-  const size_t rld8 = ((size_t)(d->DK + d->DV) / 8) | 4;               /* RLD8 */
-  return 16 * 32 * slots + 2 * 16 * 16 * (rld8 + 1);
+  return 16 * 32 * slots;
 }
 
 /* Tensor-core compressed kernels (cl/attend_bwd_cmp_mma.cl): k_cmp and v_cmp are the forward's
  * f32 rows, split into bf16 hi + lo on the tensor cores, so q and do must be bf16 (an f16
  * split would lose small values to f16's range: f16 q runs the portable kernels). dq: 4
  * warps of 16 rows share a staged tile of 16 blocks (hi and lo, 64-byte padded rows);
- * dk/dv: a warp owns 16 blocks whose hi/lo A fragments wait in local memory, next to two
- * stages of its steps' rows (cp.async): 30.5 KiB a warp at DK = DV = 128, so 1 warp a
- * group (BWD_CKV_NW asks for more; lowered here until the group fits local memory). */
+ * dk/dv: a warp owns 16 blocks whose hi/lo A fragments wait in local memory (12 KiB a
+ * warp at DK = DV = 128), next to the group's two stages of its steps' rows (cp.async,
+ * 18.5 KiB): BWD_CKV_NW warps, 2 by default, lowered here until the group fits. */
 static bool bwd_mma_cmp_configure(const clnsa_context *ctx, const nsa_dims *d,
                                   const clnsa_inputs *in, bwd_plan *p) {
   if (!p->mma || !p->cmp || in->q->dtype != CLNSA_BF16 || p->k_cmp.dtype != CLNSA_F32 ||
@@ -377,11 +385,11 @@ static bool bwd_mma_cmp_configure(const clnsa_context *ctx, const nsa_dims *d,
     return false;
   const size_t scratch = p->mma_emulated ? 4 * 32 * 6 : 0, room = ctx->info.local_mem - 1024;
   const size_t dq_bytes = 2 * 16 * 16 * (size_t)(d->DK / 8 + 4 + d->DV / 8 + 4);
-  const size_t per_warp = cmp_dkdv_warp_bytes(d);
-  while (p->ckv_nw > 1 && per_warp * p->ckv_nw + scratch > room) p->ckv_nw--;
+  const size_t per_warp = cmp_dkdv_warp_bytes(d), stages = dkdv_stage_bytes(d);
+  while (p->ckv_nw > 1 && stages + per_warp * p->ckv_nw + scratch > room) p->ckv_nw--;
   return ctx->info.local_mem > 1024 && (size_t)(32 * p->cq_nw) <= ctx->info.max_wg &&
          (size_t)(32 * p->ckv_nw) <= ctx->info.max_wg && dq_bytes + scratch <= room &&
-         per_warp * p->ckv_nw + scratch <= room;
+         stages + per_warp * p->ckv_nw + scratch <= room;
 }
 
 static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
