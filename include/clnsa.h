@@ -302,8 +302,8 @@ typedef struct clnsa_grads {
  * depends on the shapes and on the context, so query it with the context that will run
  * the pass, allocate a cl_mem, and wrap it. On the tensor-core path, small GQA groups add
  * scratch for the kv-block-major selected kernels' per-slot partials: B*TQ*HQ*S*(DV + 1)
- * floats in the forward (G <= 2), B*TQ*HQ*S*DK in the backward (G <= 4); see
- * docs/PERFORMANCE.md. */
+ * floats in the forward (G <= 2), B*TQ*HQ*S*DK in the backward (G <= 8), each only where
+ * the whole workspace still fits the device's largest buffer; see docs/PERFORMANCE.md. */
 typedef struct clnsa_workspace clnsa_workspace;
 
 /*! clnsa_forward_workspace_size() : bytes the forward needs (and keeps for backward). */

@@ -126,21 +126,25 @@ static bool bwd_mma_qkv_fit(const nsa_dims *d, const clnsa_inputs *in) {
 }
 
 /* Whether the selected dq may run kv-block-major (bwd_dq_selected_kvm_mma), so that its
- * partials are reserved: small G (as the forward's src/selected_kvm.c, CLNSA_TUNE
- * KVM_MAX_G; BWD_KVQ=0 turns it off) on the tensor-core path, q, k and v of one 16-bit
- * type in the shapes the tensor-core kernels take, and the block in local memory. The
+ * partials are reserved: small G (CLNSA_TUNE KVQ_MAX_G; BWD_KVQ=0 turns it off) on the
+ * tensor-core path, q, k and v of one 16-bit type in the shapes the tensor-core kernels
+ * take, the block in local memory, and the scratch with the partials within one buffer
+ * (ws_scratch_room: B TQ HQ S DK floats, 17 GB at G = 8, T = 65536, D = 128). The
  * backward then takes it if d_o qualifies too (bwd_mma_fits). */
 static clnsa_status kvq_possible(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
                                  bool *kvq) {
   *kvq = false;
-  if (d->G > tuning_env_int("KVQ_MAX_G", 4, 0) || !tuning_env_int("BWD_KVQ", 1, 0) ||
+  if (d->G > tuning_env_int("KVQ_MAX_G", 8, 0) || !tuning_env_int("BWD_KVQ", 1, 0) ||
       !bwd_mma_qkv_fit(d, in))
     return CLNSA_SUCCESS;
   int mode = MMA_OFF;
   CHECK_STATUS(mma_mode(ctx, &mode));
   const bool emulate = mode == MMA_EMULATED;
+  bwd_layout l;
+  scratch_layout(d, true, &l);
   *kvq = mode != MMA_OFF && (size_t)(32 * kvq_warps(emulate)) <= ctx->info.max_wg &&
-         kvq_local_bytes(d, emulate) + 1024 <= (size_t)ctx->info.local_mem;
+         kvq_local_bytes(d, emulate) + 1024 <= (size_t)ctx->info.local_mem &&
+         l.end <= ws_scratch_room(ctx, d, in);
   return CLNSA_SUCCESS;
 }
 

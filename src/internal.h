@@ -14,6 +14,7 @@ typedef struct device_info {
   cl_uint vendor_id;       /* 0x10DE NVIDIA, 0x1002 AMD, 0x8086 Intel, else other */
   cl_device_type type;
   cl_ulong local_mem;      /* bytes of local memory per work-group */
+  cl_ulong max_alloc;      /* bytes of the largest buffer (CL_DEVICE_MAX_MEM_ALLOC_SIZE) */
   size_t max_wg;           /* largest work-group */
   cl_uint compute_units;
   cl_uint cc_major, cc_minor; /* NVIDIA compute capability, 0 elsewhere */
@@ -227,10 +228,11 @@ clnsa_status selected_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa
                               const clnsa_tensor *lse, enqueue_chain *c);
 /* selected_kvm.c (MODE 3 of cl/attend_mma.cl, cl/selected_merge.cl): the selected
  * branch in kv-block-major order, for small G on the tensor-core path. *use says whether
- * it takes these inputs; *scratch_bytes is what it needs after the forward's regions. */
+ * it takes these inputs; *scratch_bytes is what it needs after the forward's regions,
+ * at most room (else it declines: ws_scratch_room). */
 clnsa_status selected_kvm_plan(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
-                               const clnsa_tensor *k, const clnsa_tensor *v, bool *use,
-                               size_t *scratch_bytes);
+                               const clnsa_tensor *k, const clnsa_tensor *v, size_t room,
+                               bool *use, size_t *scratch_bytes);
 /* Same outputs as selected_enqueue; scratch is the byte offset of its region in buf. */
 clnsa_status selected_kvm_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
                                   const clnsa_tensor *k, const clnsa_tensor *v,
@@ -303,6 +305,11 @@ void workspace_views(const clnsa_workspace *ws, const nsa_dims *d, const ws_layo
 /* Workspace and scratch layouts: reserves `elems` 4-byte elements at the next offset that
  * is a multiple of 256 bytes after *at, advances *at past them, returns the offset. */
 size_t ws_reserve(size_t *at, size_t elems);
+/* Bytes a scratch after the forward's regions may take so that the whole workspace still
+ * fits one buffer of the device (CL_DEVICE_MAX_MEM_ALLOC_SIZE): the optional partials
+ * (kv-block-major forward and dq) are declined beyond it rather than ask for a workspace
+ * no buffer can hold. */
+size_t ws_scratch_room(const clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in);
 
 /* backward.c: bytes of scratch the backward needs after the forward's regions (0 where
  * no backward exists). */

@@ -94,6 +94,13 @@ static bool window_runs(const nsa_dims *d, const clnsa_inputs *in) {
   return d->W > 0 && in->g_swa != NULL;
 }
 
+size_t ws_scratch_room(const clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in) {
+  ws_layout l;
+  workspace_layout(d, window_runs(d, in), &l);
+  const size_t most = (size_t)ctx->info.max_alloc;
+  return most > l.scratch ? most - l.scratch : 0;
+}
+
 /* Bytes of the forward's regions, and with `backward` the backward's scratch after them. */
 static clnsa_status workspace_size(clnsa_context *ctx, const clnsa_params *params,
                                    const clnsa_inputs *in, bool backward, size_t *bytes) {
@@ -105,7 +112,8 @@ static clnsa_status workspace_size(clnsa_context *ctx, const clnsa_params *param
   workspace_layout(&d, window_runs(&d, in), &l);
   bool kvm;
   size_t scratch;
-  CHECK_STATUS(selected_kvm_plan(ctx, &d, in->q, in->k, in->v, &kvm, &scratch));
+  CHECK_STATUS(selected_kvm_plan(ctx, &d, in->q, in->k, in->v, ws_scratch_room(ctx, &d, in), &kvm,
+                                 &scratch));
   size_t bwd = 0;
   if (backward) CHECK_STATUS(backward_scratch_bytes(ctx, &d, in, &bwd));
   if (bwd > scratch) scratch = bwd;
@@ -294,7 +302,8 @@ clnsa_status clnsa_forward(clnsa_context *ctx, const clnsa_params *params, const
   workspace_layout(&d, window, &l);
   bool kvm;
   size_t kvm_bytes;
-  CHECK_STATUS(selected_kvm_plan(ctx, &d, in->q, in->k, in->v, &kvm, &kvm_bytes));
+  CHECK_STATUS(selected_kvm_plan(ctx, &d, in->q, in->k, in->v, ws_scratch_room(ctx, &d, in), &kvm,
+                                 &kvm_bytes));
   const size_t need = kvm ? l.scratch + kvm_bytes : l.end;
   if (ws->bytes < need)
     return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE,

@@ -394,8 +394,8 @@ static void test_block_selected_by_all(void **state) {
  * requires that path. The compressed branch (g_cmp) runs on the tensor cores too with
  * bf16 (cl/attend_bwd_cmp_mma.cl) and portable with f16, the window branch portable, so
  * the cases mix them (G 1, 2, 3, 16; several blocks; the varlen case; D = 128 with two
- * blocks). With G <= 4 the selected dq runs kv-block-major (bwd_dq_selected_kvm_mma:
- * G 1, 2, 3, 4 here, varlen, caller indices with duplicates), and the tensor-cores run
+ * blocks). With G <= 8 the selected dq runs kv-block-major (bwd_dq_selected_kvm_mma:
+ * G 1, 2, 3, 4, 8 here, varlen, caller indices with duplicates), and the tensor-cores run
  * also takes the forward's kv-block-major kernels for G 3 and 4. Errors are held to 1e-2 (the
  * matrix-unit bound of the semantics) rather than bf16's 2e-2, which a dq off by 10%
  * still met. */
@@ -412,6 +412,7 @@ static void test_backward_tensor_cores(void **state) {
       {1, 30, 1, 20, 4, 2, 0, 0, {0}, 0, false, false, CLNSA_F16, 0},
       {1, 0, 2, 2, 3, 3, 5, 4, {0, 5, 5, 46, 47}, G_ALL, false, false, CLNSA_BF16, 0},
       {1, 40, 2, 4, 4, 5, 0, 0, {0}, G_SLC, true, false, CLNSA_F16, 0},
+      {1, 48, 1, 8, 3, 3, 0, 0, {0}, G_SLC, true, false, CLNSA_BF16, 0},
       {1, 130, 1, 16, 5, 2, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_BF16, 0},
   };
   tolerance_cap = 1e-2;
