@@ -111,7 +111,9 @@ clnsa_status tensor_check(clnsa_context *ctx, const clnsa_tensor *t, const char 
 cl_int tensor_set_args(cl_kernel k, cl_uint *arg, const clnsa_tensor *t);
 /* Arguments for an optional tensor: a NULL buffer and zeros. */
 cl_int tensor_set_absent_args(cl_kernel k, cl_uint *arg);
-/* Rows of t (head dim `dim`) readable in aligned 16-byte units (offset, strides, dim). */
+/* Rows of t (head dim `dim`) readable in aligned units of n elements (offset, strides,
+ * dim whole units); tensor_rows_aligned16: units of 16 bytes. */
+bool tensor_rows_vec(const clnsa_tensor *t, int dim, int n);
 bool tensor_rows_aligned16(const clnsa_tensor *t, int dim);
 
 /* ---- problem dimensions shared by all stages (dims.c) ---- */

@@ -85,12 +85,16 @@ cl_int tensor_set_absent_args(cl_kernel k, cl_uint *arg) {
   return err;
 }
 
-/* True when the rows of t (head dim `dim`) can be read in aligned 16-byte units: offset,
- * strides and the head dim are whole units (buffers are aligned far beyond 16 bytes). */
-bool tensor_rows_aligned16(const clnsa_tensor *t, int dim) {
-  const int64_t n = 16 / (int64_t)clnsa_dtype_size(t->dtype);
+/* True when the rows of t (head dim `dim`) can be read in aligned units of n elements:
+ * offset, strides and the head dim are whole units (buffers are aligned far beyond 16
+ * bytes, so a unit of up to 16 bytes is then aligned to its size). */
+bool tensor_rows_vec(const clnsa_tensor *t, int dim, int n) {
   if (t->offset % (size_t)n || dim % n) return false;
   for (int i = 0; i < 3; i++)
     if (t->strides[i] % n) return false;
   return true;
+}
+
+bool tensor_rows_aligned16(const clnsa_tensor *t, int dim) {
+  return tensor_rows_vec(t, dim, 16 / (int)clnsa_dtype_size(t->dtype));
 }
