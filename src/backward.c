@@ -265,6 +265,21 @@ static clnsa_status check_workspace(clnsa_context *ctx, const nsa_dims *d, const
 }
 
 /* ---- the plan: inputs, saved views, scratch offsets and the built kernels ---- */
+/* How a memory-bound kernel walks rows of `width` elements: VECW consecutive elements a
+ * step, `lanes` work-items a row, `rows` rows a work-group. */
+typedef struct row_walk {
+  int vecw, lanes, rows;
+} row_walk;
+
+/* Up to wg lanes a row (one vector each where the row is short enough), the rest of the
+ * group on further rows. */
+static row_walk row_walk_plan(int width, bool vec, int wg) {
+  row_walk w = {vec ? 4 : 1, 0, 0};
+  w.lanes = width / w.vecw < wg ? width / w.vecw : wg;
+  w.rows = wg / w.lanes;
+  return w;
+}
+
 typedef struct bwd_plan {
   const nsa_dims *d;
   const clnsa_inputs *in;
@@ -285,6 +300,8 @@ typedef struct bwd_plan {
   bool cmp_dq_mma, cmp_kv_mma; /* the compressed dq, dk/dv kernels too (bf16 q) */
   int dq_nw, kv_nw;            /* their warps per group: selected dq, dk/dv */
   int cq_nw, ckv_nw;           /* compressed dq, dk/dv */
+  /* the walks of bwd_gate_grads, bwd_finalize_q and bwd_finalize_kv */
+  row_walk walk_gg, walk_q, walk_kv;
 } bwd_plan;
 
 static void plan_views(bwd_plan *p, const clnsa_workspace *ws) {
@@ -455,7 +472,28 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
 
   CHECK_STATUS(select_mask_kernels_get(ctx, p->tune.scan_wg, &p->sel));
 
+  /* 4-element vectors where every row a kernel reads or writes starts aligned (strided
+   * views or a workspace off a multiple of 16 bytes keep the scalar walk; the branch
+   * outputs are checked whether they ran or not, so that the build options do not change
+   * with the gates); CLNSA_TUNE=VEC=0 keeps it everywhere */
+  const bool vec = tuning_env_int("VEC", 1, 0) != 0, ws_vec = p->base % 4 == 0;
+  const bool gg_vec =
+      vec && tensor_rows_vec(p->d_o, d->DV, 4) && tensor_rows_vec(&p->o[BRANCH_SLC], d->DV, 4) &&
+      tensor_rows_vec(&p->o[BRANCH_CMP], d->DV, 4) && tensor_rows_vec(&p->o[BRANCH_SWA], d->DV, 4);
+  /* bwd_gate_grads: 64 work-items, lanes a power of two up to 32 for the fixed tree */
+  p->walk_gg = row_walk_plan(d->DV, gg_vec, 32);
+  int lanes = 1;
+  while (lanes < p->walk_gg.lanes) lanes *= 2;
+  p->walk_gg.lanes = lanes;
+  p->walk_gg.rows = 64 / lanes;
+  const int wg = (ctx->info.type & CL_DEVICE_TYPE_CPU) || ctx->info.max_wg < 128 ? 64 : 128;
+  p->walk_q = row_walk_plan(d->DK, vec && ws_vec && tensor_rows_vec(g->dq, d->DK, 4), wg);
+  p->walk_kv = row_walk_plan(
+      d->DK + d->DV,
+      vec && ws_vec && tensor_rows_vec(g->dk, d->DK, 4) && tensor_rows_vec(g->dv, d->DV, 4), wg);
+
   build_options og = {{0}, 0};
+  options_add(&og, "-DDV=%d -DVECW=%d -DLANES=%d", d->DV, p->walk_gg.vecw, p->walk_gg.lanes);
   options_add_dtype(&og, "DO", p->d_o);
   add_dtype_or(&og, "GS", in->g_slc, dt);
   add_dtype_or(&og, "GC", in->g_cmp, dt);
@@ -466,6 +504,10 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
   CHECK_STATUS(program_kernel(ctx, "grad_gates.cl", og.text, "bwd_gate_grads", &p->gates));
 
   build_options of = {{0}, 0};
+  options_add(&of, "-DDK=%d -DDV=%d -DVECW_Q=%d -DQ_LANES=%d -DQ_RPG=%d", d->DK, d->DV,
+              p->walk_q.vecw, p->walk_q.lanes, p->walk_q.rows);
+  options_add(&of, " -DVECW_KV=%d -DKV_LANES=%d -DKV_RPG=%d", p->walk_kv.vecw, p->walk_kv.lanes,
+              p->walk_kv.rows);
   options_add_dtype(&of, "DQ", g->dq);
   options_add_dtype(&of, "DKO", g->dk);
   options_add_dtype(&of, "DVO", g->dv);
@@ -510,8 +552,7 @@ static clnsa_status enqueue_gates(clnsa_context *ctx, const bwd_plan *p, enqueue
   arg_int(&a, flags);
   arg_int(&a, d->TQ);
   arg_int(&a, d->HQ);
-  arg_int(&a, d->DV);
-  size_t local = 64, global = ceil_div((size_t)nr, 4) * local; /* 4 rows per group */
+  size_t local = 64, global = ceil_div((size_t)nr, (size_t)p->walk_gg.rows) * local;
   return args_launch(ctx, c, &a, 1, &global, &local);
 }
 
@@ -682,23 +723,18 @@ static clnsa_status enqueue_finalize(clnsa_context *ctx, const bwd_plan *p, enqu
   const nsa_dims *d = p->d;
   const bwd_layout *l = &p->lay;
   const cl_long nr = (cl_long)d->B * d->TQ * d->HQ, nk = (cl_long)d->B * d->TK * d->H;
-  size_t local = 64;
-  int rows = (int)(4 * local / (size_t)d->DK);
-  rows = rows < 1 ? 1 : rows;
+  size_t local = (size_t)(p->walk_q.lanes * p->walk_q.rows);
   kargs a = args_begin(p->fin_q);
   arg_tensor(&a, p->g->dq);
   arg_mem(&a, p->buf);
   arg_long(&a, at(p, l->dq));
   arg_long(&a, nr);
-  arg_int(&a, rows);
   arg_int(&a, d->TQ);
   arg_int(&a, d->HQ);
-  arg_int(&a, d->DK);
-  size_t global = ceil_div((size_t)nr, (size_t)rows) * local;
+  size_t global = ceil_div((size_t)nr, (size_t)p->walk_q.rows) * local;
   CHECK_STATUS(args_launch(ctx, c, &a, 1, &global, &local));
 
-  rows = (int)(4 * local / (size_t)(d->DK + d->DV));
-  rows = rows < 1 ? 1 : rows;
+  local = (size_t)(p->walk_kv.lanes * p->walk_kv.rows);
   a = args_begin(p->fin_kv);
   arg_tensor(&a, p->g->dk);
   arg_tensor(&a, p->g->dv);
@@ -713,12 +749,9 @@ static clnsa_status enqueue_finalize(clnsa_context *ctx, const bwd_plan *p, enqu
   arg_long(&a, at(p, l->cmp_v));
   arg_int(&a, p->swa);
   arg_int(&a, p->cmp);
-  arg_int(&a, rows);
   arg_int(&a, d->BS);
-  arg_int(&a, d->DK);
-  arg_int(&a, d->DV);
   arg_seq(&a, d);
-  global = ceil_div((size_t)nk, (size_t)rows) * local;
+  global = ceil_div((size_t)nk, (size_t)p->walk_kv.rows) * local;
   return args_launch(ctx, c, &a, 1, &global, &local);
 }
 
