@@ -13,7 +13,7 @@
  * vectors), summing products per vector component; the components are then added in a
  * fixed order (VSUM) and the lanes as a fixed tree. VECW = 4 (4-element loads) where
  * the host found DV a multiple of 4 and every row of do and the branch outputs starting
- * at a multiple of 4 elements (enqueue_gates' plan, gates_vec); else VECW = 1, one
+ * at a multiple of 4 elements (src/backward.c, plan_kernels); else VECW = 1, one
  * element per step, any strides. */
 #ifndef DO_DT
 #define DO_DT 0
