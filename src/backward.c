@@ -52,10 +52,10 @@
 #define BRANCH_SLC 0
 #define BRANCH_CMP 1
 #define BRANCH_SWA 2
-#define SEL_CHUNK 1024    /* tokens per chunk of a block's selecting tokens */
+#define SEL_CHUNK 1024        /* tokens per chunk of a block's selecting tokens */
 #define BWD_MMA_MASK_WORDS 16 /* mask words the tensor-core kernels expand at once */
-#define CMP_CHUNK_MIN 256 /* tokens per chunk of the compressed key-side work, at least */
-#define CMP_CHUNKS_MAX 32 /* and at most this many chunks */
+#define CMP_CHUNK_MIN 256     /* tokens per chunk of the compressed key-side work, at least */
+#define CMP_CHUNKS_MAX 32     /* and at most this many chunks */
 
 /* ---- scratch layout ---- */
 typedef struct bwd_layout {
@@ -148,8 +148,8 @@ static clnsa_status kvq_possible(clnsa_context *ctx, const nsa_dims *d, const cl
   return CLNSA_SUCCESS;
 }
 
-clnsa_status backward_scratch_bytes(clnsa_context *ctx, const nsa_dims *d,
-                                    const clnsa_inputs *in, size_t *bytes) {
+clnsa_status backward_scratch_bytes(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
+                                    size_t *bytes) {
   *bytes = 0;
   if (!dims_full_sequences(d)) return CLNSA_SUCCESS; /* no backward exists */
   bool kvq;
@@ -293,8 +293,8 @@ typedef struct bwd_plan {
   clnsa_tensor idx, k_cmp, v_cmp, o[3], lse[3]; /* saved by the forward, by branch */
   cl_kernel gates, dq[3], dkdv[3], reduce, fin_q, fin_kv;
   select_mask_kernels sel;
-  bool mma, mma_emulated;      /* the selected kernels are cl/attend_bwd_mma.cl's */
-  bool kvq_room, kvq;          /* partials reserved; the selected dq runs kv-block-major */
+  bool mma, mma_emulated; /* the selected kernels are cl/attend_bwd_mma.cl's */
+  bool kvq_room, kvq;     /* partials reserved; the selected dq runs kv-block-major */
   int kvq_nw;
   cl_kernel kvq_merge;         /* bwd_dq_merge (cl/selected_merge.cl) */
   bool cmp_dq_mma, cmp_kv_mma; /* the compressed dq, dk/dv kernels too (bf16 q) */
@@ -333,8 +333,7 @@ static void add_dtype_or(build_options *o, const char *role, const clnsa_tensor 
  * factor), head dims in 32-wide chunks with the accumulators' register budget (DK <= 256,
  * DV <= 128, as the forward), rows aligned to 16 bytes. */
 static bool bwd_mma_fits(const nsa_dims *d, const clnsa_inputs *in, const clnsa_tensor *d_o) {
-  return bwd_mma_qkv_fit(d, in) && d_o->dtype == in->q->dtype &&
-         tensor_rows_aligned16(d_o, d->DV);
+  return bwd_mma_qkv_fit(d, in) && d_o->dtype == in->q->dtype && tensor_rows_aligned16(d_o, d->DV);
 }
 
 /* Local bytes of the two stages of 16 rows (q and do, RLD8 16-byte units a row) with their
@@ -460,7 +459,8 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
       const int w4 = d->DK / 4, rpg = w4 >= 128 ? 1 : 128 / w4;
       build_options om = {{0}, 0};
       options_add(&om, "-DWIDTH=%d -DRPG=%d -DBS=%d", d->DK, rpg, d->BS);
-      CHECK_STATUS(program_kernel(ctx, "selected_merge.cl", om.text, "bwd_dq_merge", &p->kvq_merge));
+      CHECK_STATUS(
+          program_kernel(ctx, "selected_merge.cl", om.text, "bwd_dq_merge", &p->kvq_merge));
     }
     CHECK_STATUS(program_kernel(ctx, file, ot.text, "bwd_dkdv_selected_mma", &p->dkdv[BRANCH_SLC]));
     if (p->cmp_dq_mma)
@@ -501,7 +501,8 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
   add_dtype_or(&og, "DGS", g->dg_slc, dt);
   add_dtype_or(&og, "DGC", g->dg_cmp, dt);
   add_dtype_or(&og, "DGW", g->dg_swa, dt);
-  CHECK_STATUS(program_kernel(ctx, "grad_gates.cl", og.text, "bwd_gate_grads", &p->gates));
+  CHECK_STATUS(
+      program_kernel(ctx, "rowvec.cl+grad_gates.cl", og.text, "bwd_gate_grads", &p->gates));
 
   build_options of = {{0}, 0};
   options_add(&of, "-DDK=%d -DDV=%d -DVECW_Q=%d -DQ_LANES=%d -DQ_RPG=%d", d->DK, d->DV,
@@ -511,9 +512,11 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
   options_add_dtype(&of, "DQ", g->dq);
   options_add_dtype(&of, "DKO", g->dk);
   options_add_dtype(&of, "DVO", g->dv);
-  CHECK_STATUS(program_kernel(ctx, "grad_finalize.cl", of.text, "bwd_reduce_chunks", &p->reduce));
-  CHECK_STATUS(program_kernel(ctx, "grad_finalize.cl", of.text, "bwd_finalize_q", &p->fin_q));
-  return program_kernel(ctx, "grad_finalize.cl", of.text, "bwd_finalize_kv", &p->fin_kv);
+  CHECK_STATUS(
+      program_kernel(ctx, "rowvec.cl+grad_finalize.cl", of.text, "bwd_reduce_chunks", &p->reduce));
+  CHECK_STATUS(
+      program_kernel(ctx, "rowvec.cl+grad_finalize.cl", of.text, "bwd_finalize_q", &p->fin_q));
+  return program_kernel(ctx, "rowvec.cl+grad_finalize.cl", of.text, "bwd_finalize_kv", &p->fin_kv);
 }
 
 /* ---- kernel arguments, in order ---- */
@@ -559,9 +562,14 @@ static clnsa_status enqueue_gates(clnsa_context *ctx, const bwd_plan *p, enqueue
 /* The selection turned around: mask, chunk counts, their prefix sum, the chunks. */
 static clnsa_status enqueue_selection(clnsa_context *ctx, const bwd_plan *p, enqueue_chain *c) {
   const bwd_layout *l = &p->lay;
-  const select_mask_at m = {p->buf,           at(p, l->mask),      at(p, l->counts),
-                            at(p, l->offsets), at(p, l->slot_row), at(p, l->slot_word),
-                            l->nch,           SEL_CHUNK};
+  const select_mask_at m = {p->buf,
+                            at(p, l->mask),
+                            at(p, l->counts),
+                            at(p, l->offsets),
+                            at(p, l->slot_row),
+                            at(p, l->slot_word),
+                            l->nch,
+                            SEL_CHUNK};
   return select_mask_enqueue(ctx, p->d, &p->sel, &p->idx, &m, c);
 }
 

@@ -70,8 +70,8 @@ static clnsa_tensor ws_view(const clnsa_workspace *ws, size_t byte_off, clnsa_dt
 }
 
 /* ---- validation shared by the size queries and the forward ---- */
-clnsa_status inputs_validate(clnsa_context *ctx, const clnsa_params *params,
-                             const clnsa_inputs *in, nsa_dims *d) {
+clnsa_status inputs_validate(clnsa_context *ctx, const clnsa_params *params, const clnsa_inputs *in,
+                             nsa_dims *d) {
   if (!in) return clnsa_fail(ctx, CLNSA_ERR_NULL_ARGUMENT, "inputs are NULL");
   memset(d, 0, sizeof *d);
   CHECK_STATUS(dims_params(ctx, params, d));
@@ -239,7 +239,7 @@ static clnsa_status combine_prepare(clnsa_context *ctx, const nsa_dims *d, const
   if (in->g_cmp) options_add(&opt, " -DHAS_GCMP");
   if (window) options_add(&opt, " -DHAS_GSWA");
   tuning_env_override(&opt);
-  CHECK_STATUS(program_kernel(ctx, "combine.cl", opt.text, "combine_gated", &cl->kernel));
+  CHECK_STATUS(program_kernel(ctx, "rowvec.cl+combine.cl", opt.text, "combine_gated", &cl->kernel));
   cl_uint arg = 0;
   cl_int err = tensor_set_args(cl->kernel, &arg, o);
   err |= tensor_set_args(cl->kernel, &arg, &v->o_slc);
@@ -266,9 +266,9 @@ static clnsa_status combine_prepare(clnsa_context *ctx, const nsa_dims *d, const
 
 /* kvm: the selected branch runs kv-block-major, its scratch at byte kvm_at of buf */
 static clnsa_status forward_stages(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
-                                   bool compressed, bool window, const ws_views *v,
-                                   bool kvm, cl_mem buf, size_t kvm_at,
-                                   const combine_launch *comb, enqueue_chain *c) {
+                                   bool compressed, bool window, const ws_views *v, bool kvm,
+                                   cl_mem buf, size_t kvm_at, const combine_launch *comb,
+                                   enqueue_chain *c) {
   if (compressed) {
     CHECK_STATUS(pool_enqueue(ctx, d, in->k, in->v, &v->k_cmp, &v->v_cmp, c));
     CHECK_STATUS(
