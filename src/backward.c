@@ -302,6 +302,7 @@ typedef struct bwd_plan {
   int cq_nw, ckv_nw;           /* compressed dq, dk/dv */
   /* the walks of bwd_gate_grads, bwd_finalize_q and bwd_finalize_kv */
   row_walk walk_gg, walk_q, walk_kv;
+  int gg_wg; /* bwd_gate_grads' work-group size */
 } bwd_plan;
 
 static void plan_views(bwd_plan *p, const clnsa_workspace *ws) {
@@ -480,20 +481,23 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
   const bool gg_vec =
       vec && tensor_rows_vec(p->d_o, d->DV, 4) && tensor_rows_vec(&p->o[BRANCH_SLC], d->DV, 4) &&
       tensor_rows_vec(&p->o[BRANCH_CMP], d->DV, 4) && tensor_rows_vec(&p->o[BRANCH_SWA], d->DV, 4);
-  /* bwd_gate_grads: 64 work-items, lanes a power of two up to 32 for the fixed tree */
-  p->walk_gg = row_walk_plan(d->DV, gg_vec, 32);
+  const int wg = (ctx->info.type & CL_DEVICE_TYPE_CPU) || ctx->info.max_wg < 128 ? 64 : 128;
+  /* bwd_gate_grads: lanes a power of two up to 8 for a short fixed tree, several vectors
+   * a lane */
+  p->walk_gg = row_walk_plan(d->DV, gg_vec, 8);
   int lanes = 1;
   while (lanes < p->walk_gg.lanes) lanes *= 2;
   p->walk_gg.lanes = lanes;
-  p->walk_gg.rows = 64 / lanes;
-  const int wg = (ctx->info.type & CL_DEVICE_TYPE_CPU) || ctx->info.max_wg < 128 ? 64 : 128;
+  p->walk_gg.rows = wg / lanes;
+  p->gg_wg = wg;
   p->walk_q = row_walk_plan(d->DK, vec && ws_vec && tensor_rows_vec(g->dq, d->DK, 4), wg);
   p->walk_kv = row_walk_plan(
       d->DK + d->DV,
       vec && ws_vec && tensor_rows_vec(g->dk, d->DK, 4) && tensor_rows_vec(g->dv, d->DV, 4), wg);
 
   build_options og = {{0}, 0};
-  options_add(&og, "-DDV=%d -DVECW=%d -DLANES=%d", d->DV, p->walk_gg.vecw, p->walk_gg.lanes);
+  options_add(&og, "-DDV=%d -DVECW=%d -DLANES=%d -DGG_WG=%d", d->DV, p->walk_gg.vecw,
+              p->walk_gg.lanes, p->gg_wg);
   options_add_dtype(&og, "DO", p->d_o);
   add_dtype_or(&og, "GS", in->g_slc, dt);
   add_dtype_or(&og, "GC", in->g_cmp, dt);
@@ -555,7 +559,7 @@ static clnsa_status enqueue_gates(clnsa_context *ctx, const bwd_plan *p, enqueue
   arg_int(&a, flags);
   arg_int(&a, d->TQ);
   arg_int(&a, d->HQ);
-  size_t local = 64, global = ceil_div((size_t)nr, (size_t)p->walk_gg.rows) * local;
+  size_t local = (size_t)p->gg_wg, global = ceil_div((size_t)nr, (size_t)p->walk_gg.rows) * local;
   return args_launch(ctx, c, &a, 1, &global, &local);
 }
 
