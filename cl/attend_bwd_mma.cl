@@ -625,7 +625,7 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
 /* ---------------------------------------------------------------- dq, kv-block-major */
 #ifdef KVQ_BS /* the block size: the host defines it where it takes this kernel */
 #ifndef KVQ_NW
-#define KVQ_NW 4 /* warps per group, each 16 rows a step */
+#define KVQ_NW 2 /* warps per group, each 16 rows a step (the host's default) */
 #endif
 #if WARP_EMULATE && KVQ_NW != 1
 #error "attend_bwd_mma.cl: the warp emulation runs one warp per group"
