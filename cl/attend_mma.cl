@@ -19,7 +19,8 @@
  *  - MODE 3 (selected, kv-block-major; src/selected_kvm.c, for small G): the group owns one
  *    block of one kv head and a chunk of the tokens that selected it (cl/select_mask.cl),
  *    in passes of ROWS rows laid out as in MODE 0/1, and walks the block's keys with staged
- *    tiles. Each row's result over that one block (output normalised by its own sum, and
+ *    tiles, which the first pass stages and the others reuse where local memory holds the
+ *    whole block (KVM_RES; H100, G = 1, 2: forward 2.5-5.7 % faster). Each row's result over that one block (output normalised by its own sum, and
  *    its lse) goes to the row's partial slot, the position of the block in the token's
  *    block_indices row; cl/selected_merge.cl then merges a row's slots. With G = 1 a MODE 2
  *    tile packs 16 tokens whose block lists barely overlap, so each token reads its 16
@@ -134,11 +135,19 @@
 #define SWZ(ld, j, u) ((j) * (ld) + ((ld) % 8 == 0 ? (u) ^ (((j) & 1) << 2) : (u)))
 /* The staged K words of this lane's B fragments, 8-key tile nt, 32-dim chunk c. */
 #if K_DT == 0
-#define KW_STAGED(x, nt, c)                                   \
-  ((x).hi = kst[SWZ(KLD8, 8 * (nt) + gid, 4 * (c) + tig)],    \
-   (x).lo = kst_lo[SWZ(KLD8, 8 * (nt) + gid, 4 * (c) + tig)])
+#define KW_STAGED(x, nt, c)                                     \
+  ((x).hi = ktile[SWZ(KLD8, 8 * (nt) + gid, 4 * (c) + tig)],    \
+   (x).lo = ktile_lo[SWZ(KLD8, 8 * (nt) + gid, 4 * (c) + tig)])
 #else
-#define KW_STAGED(x, nt, c) ((x).hi = kst[SWZ(KLD8, 8 * (nt) + gid, 4 * (c) + tig)])
+#define KW_STAGED(x, nt, c) ((x).hi = ktile[SWZ(KLD8, 8 * (nt) + gid, 4 * (c) + tig)])
+#endif
+/* MODE 3 with KVM_RES tiles: the block's K/V stay staged from the first pass on (its keys
+ * are the same in every pass), KVM_RES tiles of KT keys side by side; else one tile,
+ * staged again for every tile of every pass. */
+#if MODE == 3 && defined(KVM_RES) && KVM_RES > 0
+#define RES_TILES KVM_RES
+#else
+#define RES_TILES 1
 #endif
 
 #define U4(v, j) ((j) == 0 ? (v).x : (j) == 1 ? (v).y : (j) == 2 ? (v).z : (v).w)
@@ -216,12 +225,12 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   __local uint msk[1];
 #endif
 #if STAGE
-  __local uint4 kst[KT * KLD8], vst[KT * VLD8];
+  __local uint4 kst[RES_TILES * KT * KLD8], vst[RES_TILES * KT * VLD8];
 #if K_DT == 0
-  __local uint4 kst_lo[KT * KLD8];
+  __local uint4 kst_lo[RES_TILES * KT * KLD8];
 #endif
 #if V_LO
-  __local uint4 vst_lo[KT * VLD8];
+  __local uint4 vst_lo[RES_TILES * KT * VLD8];
 #endif
 #endif
   WARP_SCRATCH(wx);
@@ -239,8 +248,8 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   attend_group grp;
 #if MODE == 3
   (void)W, (void)tiles;
-  /* passes of ROWS rows over the chunk's rows; the block's K/V tiles are staged again in
-   * each (they come from L2: a pass's q rows are as many bytes) */
+  /* passes of ROWS rows over the chunk's rows; the block's K/V tiles are staged in the
+   * first and kept (KVM_RES), or staged again in each */
   for (int pass = 0; pass < (kc.ntok * G + ROWS - 1) / ROWS; pass++) {
   kvm_rows(kc, pass, G, list, &grp, rows);
 #elif MODE == 2 && TPG > 1
@@ -312,26 +321,42 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 
   for (int k0 = kfirst; k0 < khi; k0 += kstep) {
 #if STAGE
+#if RES_TILES > 1
+    const int toff = (k0 - kfirst) / KT * KT; /* this tile's first staged row */
+    const bool stage = pass == 0;             /* uniform over the group */
+#else
+    const int toff = 0;
+    const bool stage = true;
     LBARRIER(); /* the previous tile's readers are done */
-    for (int i = lid; i < KT * (DK / 8); i += WG) {
-      const int j = i / (DK / 8), u = i - j * (DK / 8), kidx = k0 + j;
-      const long at = TIDX(k, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h);
-      const pairs8 w = LOAD8(K_DT, k, at + 8 * u, kidx < khi);
-      kst[SWZ(KLD8, j, u)] = w.hi;
+#endif
+    __local uint4 *const ktile = kst + toff * KLD8, *const vtile = vst + toff * VLD8;
 #if K_DT == 0
-      kst_lo[SWZ(KLD8, j, u)] = w.lo;
+    __local uint4 *const ktile_lo = kst_lo + toff * KLD8;
 #endif
-    }
-    for (int i = lid; i < KT * (DV / 8); i += WG) {
-      const int j = i / (DV / 8), u = i - j * (DV / 8), kidx = k0 + j;
-      const long at = TIDX(v, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h);
-      const pairs8 w = LOAD8(V_DT, v, at + 8 * u, kidx < khi);
-      vst[SWZ(VLD8, j, u)] = w.hi;
 #if V_LO
-      vst_lo[SWZ(VLD8, j, u)] = w.lo;
+    __local uint4 *const vtile_lo = vst_lo + toff * VLD8;
 #endif
+    if (stage) {
+      for (int i = lid; i < KT * (DK / 8); i += WG) {
+        const int j = i / (DK / 8), u = i - j * (DK / 8), kidx = k0 + j;
+        const long at = TIDX(k, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h);
+        const pairs8 w = LOAD8(K_DT, k, at + 8 * u, kidx < khi);
+        ktile[SWZ(KLD8, j, u)] = w.hi;
+#if K_DT == 0
+        ktile_lo[SWZ(KLD8, j, u)] = w.lo;
+#endif
+      }
+      for (int i = lid; i < KT * (DV / 8); i += WG) {
+        const int j = i / (DV / 8), u = i - j * (DV / 8), kidx = k0 + j;
+        const long at = TIDX(v, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h);
+        const pairs8 w = LOAD8(V_DT, v, at + 8 * u, kidx < khi);
+        vtile[SWZ(VLD8, j, u)] = w.hi;
+#if V_LO
+        vtile_lo[SWZ(VLD8, j, u)] = w.lo;
+#endif
+      }
+      LBARRIER();
     }
-    LBARRIER();
 #endif
     /* V rows of the tile: keys k0 + 16 ks + gid (lo) and + 8 (hi) */
 #if VEARLY && !STAGE
@@ -455,11 +480,11 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
       for (int c = 0; c < DVC; c++) {
 #if STAGE
         pairs8 vl, vh;
-        vl.hi = vst[SWZ(VLD8, 16 * ks + gid, 4 * c + tig)];
-        vh.hi = vst[SWZ(VLD8, 16 * ks + 8 + gid, 4 * c + tig)];
+        vl.hi = vtile[SWZ(VLD8, 16 * ks + gid, 4 * c + tig)];
+        vh.hi = vtile[SWZ(VLD8, 16 * ks + 8 + gid, 4 * c + tig)];
 #if V_LO
-        vl.lo = vst_lo[SWZ(VLD8, 16 * ks + gid, 4 * c + tig)];
-        vh.lo = vst_lo[SWZ(VLD8, 16 * ks + 8 + gid, 4 * c + tig)];
+        vl.lo = vtile_lo[SWZ(VLD8, 16 * ks + gid, 4 * c + tig)];
+        vh.lo = vtile_lo[SWZ(VLD8, 16 * ks + 8 + gid, 4 * c + tig)];
 #endif
 #elif VEARLY
         const pairs8 vl = vlo[ks][c], vh = vhi[ks][c];

@@ -27,6 +27,7 @@
 
 typedef struct kvm_config {
   int nw, mt, kt, rows, chunk_tokens, lcap;
+  int res; /* KVM_RES: the block's K/V tiles kept staged over the passes (0: restaged) */
   bool emulate;
 } kvm_config;
 
@@ -54,7 +55,9 @@ static void kvm_layout_of(const nsa_dims *d, const kvm_config *c, kvm_layout *l)
 /* Warps, m-tiles and keys per step as the compressed branch's (cl/attend_mma.cl MODE 0:
  * two m-tiles a warp share each staged fragment), and chunks of KVM_PASSES passes of
  * ROWS rows: the last pass of a chunk is partly idle, and a chunk's setup (its mask words,
- * each token's slot) is paid once for all its passes. */
+ * each token's slot) is paid once for all its passes. Where local memory holds the whole
+ * block's K/V (32 KiB at BS = 64, D = 128 in bf16), the first pass stages it and the
+ * others reuse it (KVM_RES; CLNSA_TUNE KVM_RES=0 restages every tile of every pass). */
 static bool kvm_configure(const clnsa_context *ctx, const nsa_dims *d, bool emulate,
                           kvm_config *c) {
   c->emulate = emulate;
@@ -68,8 +71,14 @@ static bool kvm_configure(const clnsa_context *ctx, const nsa_dims *d, bool emul
    * does not depend on G, so one build serves every G (the emulation's builds are slow) */
   c->lcap = passes * c->rows + 32;
   size_t bytes = 16 * (size_t)c->rows + 8 * (size_t)c->lcap + 4 * 33;
-  bytes += 2 * (size_t)c->kt * (size_t)(d->DK + d->DV); /* staged K and V tiles */
   if (emulate) bytes += 4 * 32 * 6;
+  const size_t tile = 2 * (size_t)c->kt * (size_t)(d->DK + d->DV); /* staged K and V */
+  const int tiles = (d->BS + c->kt - 1) / c->kt;
+  c->res = 0;
+  if (tiles > 1 && tuning_env_int("KVM_RES", 1, 0) &&
+      bytes + tiles * tile + 1024 <= (size_t)ctx->info.local_mem)
+    c->res = tiles;
+  bytes += (c->res ? (size_t)c->res : 1) * tile;
   return c->kt % 16 == 0 && (c->mt == 1 || c->mt == 2) && (size_t)(32 * c->nw) <= ctx->info.max_wg &&
          bytes + 1024 <= (size_t)ctx->info.local_mem;
 }
@@ -124,8 +133,9 @@ clnsa_status selected_kvm_enqueue(clnsa_context *ctx, const nsa_dims *d, const c
   build_options opt = {{0}, 0};
   options_add(&opt, "-DMODE=3 -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DNW=%d -DMT=%d", d->DK,
               d->DV, cfg.rows, cfg.kt, 32 * cfg.nw, cfg.nw, cfg.mt);
-  options_add(&opt, " -DMMA_DT=%d -DWARP_EMULATE=%d -DHAS_LSE=1 -DVEARLY=0 -DBS=%d -DLCAP=%d",
-              (int)q->dtype, cfg.emulate, d->BS, cfg.lcap);
+  options_add(&opt,
+              " -DMMA_DT=%d -DWARP_EMULATE=%d -DHAS_LSE=1 -DVEARLY=0 -DBS=%d -DLCAP=%d -DKVM_RES=%d",
+              (int)q->dtype, cfg.emulate, d->BS, cfg.lcap, cfg.res);
   options_add_dtype(&opt, "K", k);
   options_add_dtype(&opt, "V", v);
   options_add_dtype(&opt, "Q", q);

@@ -26,10 +26,11 @@ enum { G_CMP = 1, G_SLC = 2, G_SWA = 4, G_ALL = 7 };
 typedef struct shape_class {
   int DK, DV, BS;
 } shape_class;
-/* Class 3 serves CLNSA_FLAG_TF32 only (test_forward_tf32): D = 128; class 4 the
- * kv-block-major selected attention (test_forward_kvm): head dims in 32-wide chunks. */
+/* Class 3 serves CLNSA_FLAG_TF32 only (test_forward_tf32): D = 128; classes 4 and 5 the
+ * kv-block-major selected attention (test_forward_kvm): head dims in 32-wide chunks, and
+ * in class 5 a block of several staged key tiles (kept over the passes: KVM_RES). */
 static const shape_class classes[] = {
-    {16, 24, 8}, {32, 16, 4}, {48, 32, 16}, {128, 128, 32}, {64, 32, 8}};
+    {16, 24, 8}, {32, 16, 4}, {48, 32, 16}, {128, 128, 32}, {64, 32, 8}, {64, 32, 64}};
 
 typedef struct fcase {
   int B, TQ, TK, H, G, cls, S, W;
@@ -515,7 +516,8 @@ static void test_forward_tf32(void **state) {
  * slot, merged by lse) for G <= 2, and, as `test_forward tensor-cores` (CLNSA_TUNE
  * KVM_MAX_G=4), for all of them. Block 0 is every token's, so its chunks take several
  * passes of rows; G = 1, 2, 3, 4, per-token counts, varlen, caller indices with duplicates
- * and blocks past the query's own, a window beside it, a misaligned workspace. */
+ * and blocks past the query's own, a window beside it, a misaligned workspace, and blocks
+ * of 64 keys whose staged tiles serve every pass of a chunk. */
 /* clang-format off */
 static const fcase kvm_cases[] = {
     /* B TQ  TK  H  G cls S  W  nseq cu_q cu_k gates caller counts padded dtype mixed misalign */
@@ -527,6 +529,8 @@ static const fcase kvm_cases[] = {
      CLNSA_BF16, false, false},
     {1, 90, 90, 1, 4, 4, 6, 0, 0, {0}, {0}, G_SLC, true, false, false, CLNSA_BF16, false, false},
     {1, 64, 64, 1, 1, 4, 2, 0, 0, {0}, {0}, G_ALL, false, false, false, CLNSA_F16, false, true},
+    {1, 300, 300, 1, 1, 5, 3, 0, 0, {0}, {0}, G_SLC | G_CMP, false, false, false, CLNSA_BF16,
+     false, false},
 };
 /* clang-format on */
 
