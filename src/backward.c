@@ -267,20 +267,6 @@ static clnsa_status check_workspace(clnsa_context *ctx, const nsa_dims *d, const
 }
 
 /* ---- the plan: inputs, saved views, scratch offsets and the built kernels ---- */
-/* How a memory-bound kernel walks rows of `width` elements: VECW consecutive elements a
- * step, `lanes` work-items a row, `rows` rows a work-group. */
-typedef struct row_walk {
-  int vecw, lanes, rows;
-} row_walk;
-
-/* Up to wg lanes a row (one vector each where the row is short enough), the rest of the
- * group on further rows. */
-static row_walk row_walk_plan(int width, bool vec, int wg) {
-  row_walk w = {vec ? 4 : 1, 0, 0};
-  w.lanes = width / w.vecw < wg ? width / w.vecw : wg;
-  w.rows = wg / w.lanes;
-  return w;
-}
 
 typedef struct bwd_plan {
   const nsa_dims *d;
@@ -304,7 +290,6 @@ typedef struct bwd_plan {
   int cq_nw, ckv_nw;           /* compressed dq, dk/dv */
   /* the walks of bwd_gate_grads, bwd_finalize_q and bwd_finalize_kv */
   row_walk walk_gg, walk_q, walk_kv;
-  int gg_wg; /* bwd_gate_grads' work-group size */
 } bwd_plan;
 
 static void plan_views(bwd_plan *p, const clnsa_workspace *ws) {
@@ -483,23 +468,19 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
   const bool gg_vec =
       vec && tensor_rows_vec(p->d_o, d->DV, 4) && tensor_rows_vec(&p->o[BRANCH_SLC], d->DV, 4) &&
       tensor_rows_vec(&p->o[BRANCH_CMP], d->DV, 4) && tensor_rows_vec(&p->o[BRANCH_SWA], d->DV, 4);
-  const int wg = (ctx->info.type & CL_DEVICE_TYPE_CPU) || ctx->info.max_wg < 128 ? 64 : 128;
   /* bwd_gate_grads: lanes a power of two up to 8 for a short fixed tree, several vectors
-   * a lane */
-  p->walk_gg = row_walk_plan(d->DV, gg_vec, 8);
-  int lanes = 1;
-  while (lanes < p->walk_gg.lanes) lanes *= 2;
-  p->walk_gg.lanes = lanes;
-  p->walk_gg.rows = wg / lanes;
-  p->gg_wg = wg;
-  p->walk_q = row_walk_plan(d->DK, vec && ws_vec && tensor_rows_vec(g->dq, d->DK, 4), wg);
+   * a lane; finalize: a vector a lane */
+  p->walk_gg = row_walk_plan(ctx, d->DV, gg_vec, 8, true);
+  p->walk_q =
+      row_walk_plan(ctx, d->DK, vec && ws_vec && tensor_rows_vec(g->dq, d->DK, 4), 0, false);
   p->walk_kv = row_walk_plan(
-      d->DK + d->DV,
-      vec && ws_vec && tensor_rows_vec(g->dk, d->DK, 4) && tensor_rows_vec(g->dv, d->DV, 4), wg);
+      ctx, d->DK + d->DV,
+      vec && ws_vec && tensor_rows_vec(g->dk, d->DK, 4) && tensor_rows_vec(g->dv, d->DV, 4), 0,
+      false);
 
   build_options og = {{0}, 0};
   options_add(&og, "-DDV=%d -DVECW=%d -DLANES=%d -DGG_WG=%d", d->DV, p->walk_gg.vecw,
-              p->walk_gg.lanes, p->gg_wg);
+              p->walk_gg.lanes, p->walk_gg.lanes * p->walk_gg.rows);
   options_add_dtype(&og, "DO", p->d_o);
   add_dtype_or(&og, "GS", in->g_slc, dt);
   add_dtype_or(&og, "GC", in->g_cmp, dt);
@@ -561,7 +542,8 @@ static clnsa_status enqueue_gates(clnsa_context *ctx, const bwd_plan *p, enqueue
   arg_int(&a, flags);
   arg_int(&a, d->TQ);
   arg_int(&a, d->HQ);
-  size_t local = (size_t)p->gg_wg, global = ceil_div((size_t)nr, (size_t)p->walk_gg.rows) * local;
+  size_t local = (size_t)(p->walk_gg.lanes * p->walk_gg.rows);
+  size_t global = ceil_div((size_t)nr, (size_t)p->walk_gg.rows) * local;
   return args_launch(ctx, c, &a, 1, &global, &local);
 }
 

@@ -197,6 +197,15 @@ typedef struct kargs {
   cl_int err;
 } kargs;
 kargs args_begin(cl_kernel k);
+/* How a memory-bound kernel (combine, gate gradients, finalize) walks rows of `width`
+ * elements: vecw consecutive elements a step (4 where `vec`: the caller checked the
+ * rows' alignment), `lanes` work-items a row, `rows` rows a work-group of lanes * rows
+ * items (128, 64 on CPUs, halved to the device's limit). Lanes: one vector each up to
+ * max_lanes (0: the group), rounded up to a power of two with pow2 (for a fixed tree). */
+typedef struct row_walk {
+  int vecw, lanes, rows;
+} row_walk;
+row_walk row_walk_plan(const clnsa_context *ctx, int width, bool vec, int max_lanes, bool pow2);
 void arg_tensor(kargs *a, const clnsa_tensor *t); /* NULL: an absent tensor's arguments */
 void arg_mem(kargs *a, cl_mem m);
 void arg_long(kargs *a, cl_long v);

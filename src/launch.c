@@ -114,3 +114,19 @@ clnsa_status args_launch(clnsa_context *ctx, enqueue_chain *c, const kargs *a, c
   }
   return chain_launch(ctx, c, a->k, dims, global, local);
 }
+
+row_walk row_walk_plan(const clnsa_context *ctx, int width, bool vec, int max_lanes, bool pow2) {
+  int wg = (ctx->info.type & CL_DEVICE_TYPE_CPU) ? 64 : 128;
+  while ((size_t)wg > ctx->info.max_wg && wg > 1) wg /= 2;
+  row_walk w = {vec ? 4 : 1, 0, 0};
+  const int most = max_lanes > 0 && max_lanes < wg ? max_lanes : wg;
+  w.lanes = width / w.vecw < most ? width / w.vecw : most;
+  if (w.lanes < 1) w.lanes = 1;
+  if (pow2) {
+    int p = 1;
+    while (p < w.lanes) p *= 2;
+    w.lanes = p;
+  }
+  w.rows = wg / w.lanes;
+  return w;
+}

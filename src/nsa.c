@@ -217,9 +217,6 @@ typedef struct combine_launch {
 static clnsa_status combine_prepare(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
                                     bool window, const clnsa_tensor *o, const ws_views *v,
                                     combine_launch *cl) {
-  const int threads = (ctx->info.type & CL_DEVICE_TYPE_CPU) ? 64 : 128;
-  int wg = threads;
-  while ((size_t)wg > ctx->info.max_wg && wg > 1) wg /= 2;
   /* 4-element vectors where every row it reads or writes starts aligned (a strided view
    * or a workspace offset off a multiple of 16 bytes keeps the scalar walk);
    * CLNSA_TUNE=VEC=0 keeps it everywhere */
@@ -227,10 +224,9 @@ static clnsa_status combine_prepare(clnsa_context *ctx, const nsa_dims *d, const
                    tensor_rows_vec(&v->o_slc, d->DV, 4) &&
                    (!in->g_cmp || tensor_rows_vec(&v->o_cmp, d->DV, 4)) &&
                    (!window || tensor_rows_vec(&v->o_swa, d->DV, 4));
-  const int vecw = vec ? 4 : 1, nv = d->DV / vecw;
-  const int lanes = nv < wg ? nv : wg, rows = wg / lanes;
+  const row_walk w = row_walk_plan(ctx, d->DV, vec, 0, false);
   build_options opt = {{0}, 0};
-  options_add(&opt, "-DDV=%d -DVECW=%d -DLANES=%d -DRPG=%d", d->DV, vecw, lanes, rows);
+  options_add(&opt, "-DDV=%d -DVECW=%d -DLANES=%d -DRPG=%d", d->DV, w.vecw, w.lanes, w.rows);
   options_add_dtype(&opt, "O", o);
   options_add_dtype(&opt, "GS", in->g_slc);
   options_add_dtype(&opt, "GC", in->g_cmp);
@@ -259,8 +255,8 @@ static clnsa_status combine_prepare(clnsa_context *ctx, const nsa_dims *d, const
   err |= clSetKernelArg(cl->kernel, arg++, sizeof hq, &hq);
   err |= clSetKernelArg(cl->kernel, arg++, sizeof nrows, &nrows);
   if (err != CL_SUCCESS) return clnsa_cl_fail(ctx, err, "clSetKernelArg(combine_gated)");
-  cl->local = (size_t)(lanes * rows);
-  cl->global = (size_t)((nrows + rows - 1) / rows) * cl->local;
+  cl->local = (size_t)(w.lanes * w.rows);
+  cl->global = (size_t)((nrows + w.rows - 1) / w.rows) * cl->local;
   return CLNSA_SUCCESS;
 }
 
