@@ -54,6 +54,14 @@
  * Masked keys (past the key set, or not in the row's set) score -inf; loads of keys past
  * the set read zeros, so no masked V row reaches an accumulator.
  *
+ * WGMMA = 1 (MODE 0/1 on Hopper; cl/wgmma_ops.cl): the group is NW/4 warpgroups of 64
+ * rows (warp w keeps rows 16w .. 16w + 15, MT = 1), and the tensor cores read the staged
+ * tiles themselves: S = Q K^T is one m64nKT wgmma per 16 dims (two with the f32 split),
+ * O += P V DV/WG_N_V per 16 keys, so no lane loads or transposes a B fragment. The tiles
+ * are then laid out in core matrices (8 keys x 8 dims, 128 contiguous bytes: SWZ), q
+ * is loaded in its natural dim order (a0 = q[gid][16s + 2tig ..], ...), and S and the
+ * accumulators hold columns in the mma C layout (dims 8n + 2tig + {0, 1} of n-tile n).
+ *
  * Softmax state per row is in log2 units (scores times scale * log2(e)); the row max is
  * reduced over the 4 lanes of a row (shfl.bfly 1, 2); row sums stay per lane until the end.
  */
@@ -101,6 +109,12 @@
 #ifndef O_DT
 #define O_DT 0
 #endif
+#ifndef WGMMA
+#define WGMMA 0
+#endif
+#ifndef STAGE_BATCH /* 1: a staged tile's loads all issued before its first store (MODE 0/1/3) */
+#define STAGE_BATCH (MODE != 2 && !V_LO)
+#endif
 
 #if WG != 32 * NW || KT % 16 || DK % 32 || DV % 32
 #error "attend_mma.cl: WG = 32 NW, KT a multiple of 16, DK and DV multiples of 32"
@@ -120,6 +134,12 @@
 #if WARP_EMULATE && NW != 1
 #error "attend_mma.cl: the warp emulation runs one warp per group"
 #endif
+#if STAGE_BATCH && (MODE == 2 || V_LO)
+#error "attend_mma.cl: STAGE_BATCH is for the staged modes without V_SPLIT"
+#endif
+#if WGMMA && (!STAGE_BATCH || MODE > 1 || MT != 1 || (!WARP_EMULATE && NW % 4) || KT != WG_N_S || DV % WG_N_V || V_LO)
+#error "attend_mma.cl: WGMMA is MODE 0/1, one m-tile a warp, whole warpgroups, KT = WG_N_S"
+#endif
 
 #define DKC (DK / 32) /* 32-dim chunks of a q/k row */
 #define DVC (DV / 32)
@@ -132,7 +152,28 @@
  * groups (other rows already alternate: DK is a multiple of 32, ld of 4). */
 #define KLD8 (DK / 8)
 #define VLD8 (DV / 8)
+/* Unit i of a staged tile of ld 16-byte units a row: row j, unit u. Rows first where the
+ * tiles are core matrices (WGMMA), so that 8 consecutive work-items store 8 consecutive
+ * units (one core matrix: no bank conflicts); else units first (coalesced rows). */
+#if WGMMA
+#define STAGE_JU(ld) const int j = ((i >> 3) / (ld)) * 8 + (i & 7), u = (i >> 3) % (ld)
+#else
+#define STAGE_JU(ld) const int j = i / (ld), u = i - j * (ld)
+#endif
+/* w[it] = units lid + it WG of the tile's rows k0 .. k0 + KT - 1 of tensor t (ld units a
+ * row), every load issued before any is used (STAGE_BATCH) */
+#define STAGE_LOADS(w, DT, t, ld)                                                       \
+  _Pragma("unroll") for (int it = 0; it < (KT * (ld) + WG - 1) / WG; it++) {            \
+    const int i = min(lid + it * WG, KT * (ld) - 1);                                    \
+    STAGE_JU(ld);                                                                       \
+    const long at = TIDX(t, grp.b, key_row(min(k0 + j, khi - 1), grp.krow0, list), h); \
+    w[it] = LOAD8(DT, t, at + 8 * u, true);                                             \
+  }
+#if WGMMA /* core matrices: unit u of row j in the 8-row group j / 8 (cl/wgmma_ops.cl) */
+#define SWZ(ld, j, u) ((((j) >> 3) * (ld) + (u)) * 8 + ((j) & 7))
+#else
 #define SWZ(ld, j, u) ((j) * (ld) + ((ld) % 8 == 0 ? (u) ^ (((j) & 1) << 2) : (u)))
+#endif
 /* The staged K words of this lane's B fragments, 8-key tile nt, 32-dim chunk c. */
 #if K_DT == 0
 #define KW_STAGED(x, nt, c)                                     \
@@ -225,9 +266,10 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   __local uint msk[1];
 #endif
 #if STAGE
-  __local uint4 kst[RES_TILES * KT * KLD8], vst[RES_TILES * KT * VLD8];
+  __local uint4 kst[RES_TILES * KT * KLD8] __attribute__((aligned(128)));
+  __local uint4 vst[RES_TILES * KT * VLD8] __attribute__((aligned(128)));
 #if K_DT == 0
-  __local uint4 kst_lo[RES_TILES * KT * KLD8];
+  __local uint4 kst_lo[RES_TILES * KT * KLD8] __attribute__((aligned(128)));
 #endif
 #if V_LO
   __local uint4 vst_lo[RES_TILES * KT * VLD8];
@@ -298,6 +340,18 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   const int kfirst = klo, kstep = KT;
 #endif
 
+#if WGMMA /* A fragments of the 16-dim steps, dims in order */
+  uint4 qa[DK / 16];
+  {
+    const long q0 = ROW_TOK(0) >= 0 ? TIDX(q, grp.b, ROW_TOK(0), ROW_HQ(0)) + 2 * tig : -1;
+    const long q1 = ROW_TOK(1) >= 0 ? TIDX(q, grp.b, ROW_TOK(1), ROW_HQ(1)) + 2 * tig : -1;
+#define QW(at, i) ((at) >= 0 ? *(__global const uint *)(q + (at) + (i)) : 0u)
+#pragma unroll
+    for (int ks = 0; ks < DK / 16; ks++)
+      qa[ks] = (uint4)(QW(q0, 16 * ks), QW(q1, 16 * ks), QW(q0, 16 * ks + 8), QW(q1, 16 * ks + 8));
+#undef QW
+  }
+#else
   uint4 qf[DKC][RH];
 #pragma unroll
   for (int c = 0; c < DKC; c++) {
@@ -307,6 +361,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
                       ? LD8(q, TIDX(q, grp.b, ROW_TOK(rh), ROW_HQ(rh)) + 32 * c + 8 * tig)
                       : (uint4)(0u);
   }
+#endif
   const float sl2 = scale * M_LOG2E_F;
   float m[RH], l[RH];
 #pragma unroll
@@ -327,7 +382,9 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #else
     const int toff = 0;
     const bool stage = true;
+#if !STAGE_BATCH
     LBARRIER(); /* the previous tile's readers are done */
+#endif
 #endif
     __local uint4 *const ktile = kst + toff * KLD8, *const vtile = vst + toff * VLD8;
 #if K_DT == 0
@@ -337,8 +394,42 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     __local uint4 *const vtile_lo = vst_lo + toff * VLD8;
 #endif
     if (stage) {
+#if STAGE_BATCH
+      /* every load of the tile in flight at once (rows clamped into the key set, so
+       * each address is valid; keys past it zeroed after the load), then the stores */
+      pairs8 kw[(KT * KLD8 + WG - 1) / WG], vw[(KT * VLD8 + WG - 1) / WG];
+      STAGE_LOADS(kw, K_DT, k, KLD8);
+      STAGE_LOADS(vw, V_DT, v, VLD8);
+#if WGMMA /* the previous tile's O += P V ran behind these loads */
+      wg_wait0();
+      wg_hold(&acc[0][0][0], DV / 2);
+#endif
+#if RES_TILES == 1
+      LBARRIER(); /* the previous tile's readers are done */
+#endif
+#pragma unroll
+      for (int it = 0; it < (KT * KLD8 + WG - 1) / WG; it++) {
+        const int i = lid + it * WG;
+        STAGE_JU(KLD8);
+        const bool in = k0 + j < khi;
+        if (i < KT * KLD8) {
+          ktile[SWZ(KLD8, j, u)] = in ? kw[it].hi : (uint4)(0u);
+#if K_DT == 0
+          ktile_lo[SWZ(KLD8, j, u)] = in ? kw[it].lo : (uint4)(0u);
+#endif
+        }
+      }
+#pragma unroll
+      for (int it = 0; it < (KT * VLD8 + WG - 1) / WG; it++) {
+        const int i = lid + it * WG;
+        STAGE_JU(VLD8);
+        const bool in = k0 + j < khi;
+        if (i < KT * VLD8) vtile[SWZ(VLD8, j, u)] = in ? vw[it].hi : (uint4)(0u);
+      }
+#else
       for (int i = lid; i < KT * (DK / 8); i += WG) {
-        const int j = i / (DK / 8), u = i - j * (DK / 8), kidx = k0 + j;
+        STAGE_JU(DK / 8);
+        const int kidx = k0 + j;
         const long at = TIDX(k, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h);
         const pairs8 w = LOAD8(K_DT, k, at + 8 * u, kidx < khi);
         ktile[SWZ(KLD8, j, u)] = w.hi;
@@ -347,7 +438,8 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #endif
       }
       for (int i = lid; i < KT * (DV / 8); i += WG) {
-        const int j = i / (DV / 8), u = i - j * (DV / 8), kidx = k0 + j;
+        STAGE_JU(DV / 8);
+        const int kidx = k0 + j;
         const long at = TIDX(v, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h);
         const pairs8 w = LOAD8(V_DT, v, at + 8 * u, kidx < khi);
         vtile[SWZ(VLD8, j, u)] = w.hi;
@@ -355,6 +447,10 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
         vtile_lo[SWZ(VLD8, j, u)] = w.lo;
 #endif
       }
+#endif /* STAGE_BATCH */
+#if WGMMA
+      wg_proxy_fence(); /* the tensor cores read these tiles */
+#endif
       LBARRIER();
     }
 #endif
@@ -375,6 +471,21 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #endif
     /* S = Q K^T for keys k0 .. k0 + KT - 1 */
     float s[MT][NT][4];
+#if WGMMA
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) s[0][nt][0] = s[0][nt][1] = s[0][nt][2] = s[0][nt][3] = 0.0f;
+    wg_fence();
+#pragma unroll
+    for (int ks = 0; ks < DK / 16; ks++) {
+      wg_mma_k(&s[0][0][0], qa[ks], ktile + 16 * ks, 8, 8 * KLD8, wx);
+#if K_DT == 0
+      wg_mma_k(&s[0][0][0], qa[ks], ktile_lo + 16 * ks, 8, 8 * KLD8, wx);
+#endif
+    }
+    wg_commit();
+    wg_wait0();
+    wg_hold(&s[0][0][0], NT * 4);
+#else
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
       /* a tile's K words loaded together, for more loads in flight; with MT = 2 (staged)
@@ -417,6 +528,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
         }
       }
     }
+#endif /* WGMMA */
     /* mask, scale, row maxima over the tile */
     float mx[RH], alpha[RH];
 #pragma unroll
@@ -471,6 +583,14 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
         a[mt][2] = pack2(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
         a[mt][3] = pack2(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
       }
+#if WGMMA
+      if (ks == 0) wg_fence(); /* after the rescale of acc */
+#pragma unroll
+      for (int n0 = 0; n0 < DV; n0 += WG_N_V)
+        wg_mma_t(&acc[0][n0 / 8][0], (uint4)(a[0][0], a[0][1], a[0][2], a[0][3]),
+                 vtile + 16 * ks * VLD8 + n0, 8 * VLD8, 8, wx);
+      if (ks == KSTEPS - 1) wg_commit(); /* waited for behind the next tile's loads */
+#else
 #if !VEARLY && !STAGE
       const int klo8 = k0 + 16 * ks + gid, khi8 = klo8 + 8;
       const long atl = TIDX(v, grp.b, key_row(min(klo8, khi - 1), grp.krow0, list), h) + 8 * tig;
@@ -506,8 +626,13 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #endif
         }
       }
+#endif /* WGMMA */
     }
   }
+#if WGMMA
+  wg_wait0();
+  wg_hold(&acc[0][0][0], DV / 2);
+#endif
 #pragma unroll
   for (int rh = 0; rh < RH; rh++) {
     l[rh] += shfl_xor(l[rh], 1, wx);
@@ -575,8 +700,10 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #pragma unroll
       for (int j = 0; j < 4; j++) {
         const float *e = acc[rh >> 1][4 * c + j] + 2 * (rh & 1);
-        STORE(O_DT, o, base + 32 * c + 8 * tig + 2 * j, e[0] * inv);
-        STORE(O_DT, o, base + 32 * c + 8 * tig + 2 * j + 1, e[1] * inv);
+        /* dims of n-tile 4c + j: 8 (4c + j) + 2tig with WGMMA, else the permuted order */
+        const int d = WGMMA ? 32 * c + 8 * j + 2 * tig : 32 * c + 8 * tig + 2 * j;
+        STORE(O_DT, o, base + d, e[0] * inv);
+        STORE(O_DT, o, base + d + 1, e[1] * inv);
       }
     }
 #if HAS_LSE

@@ -118,6 +118,12 @@ typedef enum clnsa_mma {
 } clnsa_mma;
 CLNSA_API clnsa_mma clnsa_context_tensor_cores(clnsa_context *ctx);
 
+/*! clnsa_context_wgmma() : 1 where the compressed and window branches run on Hopper's
+ *  warpgroup instructions (wgmma: opt-in with CLNSA_TUNE=WGMMA=1, on compute capability
+ *  9.x after their own probe kernel, or on the emulated path), 0 where they keep mma.sync
+ *  or the portable kernels. The first call runs the probes. NULL gives 0. */
+CLNSA_API int clnsa_context_wgmma(clnsa_context *ctx);
+
 /*! clnsa_select_device() : resolves a device selector. `selector` is NULL, an index into
  *  the list of all devices of all platforms ("0", "1", ...) or a case-insensitive
  *  substring of "platform name / device name". NULL or "" reads the environment variable

@@ -17,6 +17,7 @@ typedef struct attend_config {
   int tpg, ucap; /* selected branch: query tokens per group, capacity of their block union */
   int vearly;    /* tensor-core kernel: V loads issued with K loads */
   int mt;        /* tensor-core kernel, compressed and window: 16-row m-tiles per warp */
+  int wg_n_v;    /* > 0: compressed and window on wgmma (Hopper), dims per P V instruction */
 } attend_config;
 
 static int pow2_floor(long x) {
@@ -187,8 +188,23 @@ static size_t mma_rows_layout(int mode, const nsa_dims *d, int nw, int mt, atten
 /* Warps per group and keys per step of cl/attend_mma.cl; rows and token packing as in
  * attend_tokens (16 rows: one mma tile). Returns false where local memory is short. */
 static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d, bool emulate,
-                                 bool k32, bool v32, attend_config *c) {
+                                 bool k32, bool v32, bool wgmma, attend_config *c) {
   const bool split = k32 || v32;
+  c->wg_n_v = 0;
+  if (mode != MODE_SELECTED && wgmma && !(v32 && tuning_env_int("V_SPLIT", 0, 0))) {
+    /* wgmma (cl/wgmma_ops.cl): NW/4 warpgroups of 64 rows share each staged tile (WG_NW,
+     * 4 or 8 warps); keys per step = the S instruction's columns, 32 or 64 (WG_KT) */
+    const int nw = emulate ? 1 : tuning_env_int("WG_NW", 4, 4) / 4 * 4;
+    c->wg = 32 * nw, c->mt = 1, c->vearly = 0;
+    c->kt = tuning_env_int("WG_KT", 32, 32) >= 64 ? 64 : 32;
+    c->wg_n_v = d->DV % 64 == 0 ? 64 : 32;
+    size_t bytes = mma_rows_layout(mode, d, nw, 1, c);
+    bytes += 2 * (size_t)c->kt * ((size_t)d->DK * (k32 ? 2 : 1) + (size_t)d->DV) + 256;
+    if (emulate) bytes += 4 * 32 * 6;
+    if ((size_t)c->wg <= ctx->info.max_wg && bytes + 1024 <= (size_t)ctx->info.local_mem)
+      return true;
+    c->wg_n_v = 0; /* too big here: the mma.sync layout below */
+  }
   /* warps per group: MMA_NW for the selected branch (they split one token's keys),
    * MMA_NWD for compressed and window (each owns 16 MT rows; they share the staged tiles) */
   const int nw = emulate ? 1 : tuning_env_int(mode == MODE_SELECTED ? "MMA_NW" : "MMA_NWD", 4, 1);
@@ -264,7 +280,9 @@ static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims 
     return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED, "attend_fwd: more than 2^31 query rows");
   const bool tf32 = attend_tf32_fits(d, q, k, v), half = attend_mma_fits(d, q, k, v);
   int mma = MMA_OFF;
+  bool wgmma = false;
   if (tf32 || half) CHECK_STATUS(mma_mode(ctx, &mma));
+  if (half && mode != MODE_SELECTED) CHECK_STATUS(wgmma_enabled(ctx, mma, &wgmma));
   attend_config cfg = {0};
   build_options opt = {{0}, 0};
   const char *file = "attend_setup.cl+attend.cl", *name = "attend_fwd";
@@ -275,8 +293,12 @@ static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims 
     options_add(&opt, " -DWARP_EMULATE=%d -DHAS_LSE=%d", mma == MMA_EMULATED, lse ? 1 : 0);
   } else if (mma != MMA_OFF && half &&
              attend_mma_configure(ctx, mode, d, mma == MMA_EMULATED, k->dtype == CLNSA_F32,
-                                  v->dtype == CLNSA_F32, &cfg)) {
-    file = "warp_ops.cl+attend_setup.cl+attend_mma.cl", name = "attend_mma_fwd";
+                                  v->dtype == CLNSA_F32, wgmma, &cfg)) {
+    file = cfg.wg_n_v ? "warp_ops.cl+wgmma_ops.cl+attend_setup.cl+attend_mma.cl"
+                      : "warp_ops.cl+attend_setup.cl+attend_mma.cl";
+    name = "attend_mma_fwd";
+    if (cfg.wg_n_v)
+      options_add(&opt, "-DWGMMA=1 -DWG_N_S=%d -DWG_N_V=%d ", cfg.kt, cfg.wg_n_v);
     options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DNW=%d", mode, d->DK,
                 d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.wg / 32);
     options_add(&opt, " -DMMA_DT=%d -DWARP_EMULATE=%d -DHAS_LSE=%d -DVEARLY=%d -DMT=%d",

@@ -39,6 +39,7 @@ struct clnsa_context {
   program_entry *programs;
   int nprograms;
   int mma_hardware, mma_emulated; /* probe of the tensor-core path: 0 not run, 1 ok, -1 failed */
+  int wgmma_hardware, wgmma_emulated; /* the same for the wgmma kernels (src/mma.c) */
   char message[CLNSA_MESSAGE_SIZE];
 };
 
@@ -53,6 +54,8 @@ clnsa_status clnsa_cl_fail(clnsa_context *ctx, cl_int err, const char *what);
 /* mma.c: which tensor-core path a kernel launch may take (see src/mma.c). */
 enum { MMA_OFF = 0, MMA_HARDWARE = 1, MMA_EMULATED = 2 };
 clnsa_status mma_mode(clnsa_context *ctx, int *mode);
+/* whether kernels with a wgmma variant take it under tensor-core path `mode` (Hopper) */
+clnsa_status wgmma_enabled(clnsa_context *ctx, int mode, bool *on);
 
 /* device.c */
 clnsa_status device_info_query(cl_device_id device, device_info *info);

@@ -17,6 +17,9 @@
  * CL_PROGRAM_BINARIES makes it compile a second, generic copy of every kernel, which
  * measured 12.3 s against 7.9 s for a cold tests/test_pool, while PoCL's cache alone
  * rebuilds a warm program in about 0.1 s.
+ *
+ * On NVIDIA a program whose PTX holds wgmma instructions (behind a marker comment, see
+ * cl/wgmma_ops.cl) is built a second time from its patched PTX; the cache keeps that one.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -148,6 +151,48 @@ static unsigned char *program_binary(cl_program p, size_t *size) {
   return bin;
 }
 
+/* ---- sm_90a (cl/wgmma_ops.cl) ---- */
+#define SM90A_MARK "// @sm90a@ "
+#define VENDOR_NVIDIA 0x10DEu
+
+/* NVIDIA's OpenCL compiler emits PTX for sm_90, where ptxas refuses wgmma: the kernels
+ * write those instructions as comments behind SM90A_MARK. A PTX module that holds the
+ * marker comes back without it and with its target raised to sm_90a; NULL where the
+ * module has no marker (or on no memory: the caller then keeps the source build, whose
+ * kernels the probe rejects). */
+static unsigned char *sm90a_patch(const unsigned char *ptx, size_t n, size_t *out_n) {
+  const size_t mlen = strlen(SM90A_MARK);
+  unsigned char *out = malloc(n + 16);
+  if (!out) return NULL;
+  size_t o = 0, marks = 0;
+  bool target_done = false;
+  for (size_t i = 0; i < n;) {
+    if (n - i >= mlen && !memcmp(ptx + i, SM90A_MARK, mlen)) {
+      i += mlen;
+      marks++;
+      continue;
+    }
+    static const char target[] = ".target sm_90";
+    const size_t tlen = sizeof target - 1;
+    if (!target_done && n - i > tlen && !memcmp(ptx + i, target, tlen) && ptx[i + tlen] != 'a' &&
+        (ptx[i + tlen] < '0' || ptx[i + tlen] > '9')) {
+      memcpy(out + o, target, tlen);
+      o += tlen;
+      out[o++] = 'a';
+      i += tlen;
+      target_done = true;
+      continue;
+    }
+    out[o++] = ptx[i++];
+  }
+  if (marks == 0) {
+    free(out);
+    return NULL;
+  }
+  *out_n = o;
+  return out;
+}
+
 /* ---- building ---- */
 static clnsa_status build_log_fail(clnsa_context *ctx, cl_program p, const char *file,
                                    const char *options) {
@@ -198,8 +243,29 @@ static clnsa_status program_source(clnsa_context *ctx, const char *file, char **
   return CLNSA_SUCCESS;
 }
 
-static clnsa_status build_program(clnsa_context *ctx, const char *file, const char *options,
+/* CLNSA_BUILD_LOG=1: every kernel build from source (not a cache load) prints its build
+ * log on stderr, on NVIDIA with -cl-nv-verbose (ptxas's registers, spills and warnings). */
+static void build_log_print(clnsa_context *ctx, cl_program p, const char *file,
+                            const char *options) {
+  size_t n = 0;
+  if (clGetProgramBuildInfo(p, ctx->device, CL_PROGRAM_BUILD_LOG, 0, NULL, &n) != CL_SUCCESS)
+    return;
+  char *log = malloc(n + 1);
+  if (log && clGetProgramBuildInfo(p, ctx->device, CL_PROGRAM_BUILD_LOG, n, log, NULL) ==
+                 CL_SUCCESS) {
+    log[n] = '\0';
+    fprintf(stderr, "clnsa: build log of %s [%s]:\n%s\n", file, options, log);
+  }
+  free(log);
+}
+
+static clnsa_status build_program(clnsa_context *ctx, const char *file, const char *options_in,
                                   cl_program *out) {
+  const char *env = getenv("CLNSA_BUILD_LOG");
+  const bool log = env && *env && strcmp(env, "0") != 0;
+  char options[sizeof(((build_options *)0)->text) + 32];
+  snprintf(options, sizeof options, "%s%s", options_in,
+           log && ctx->info.vendor_id == VENDOR_NVIDIA ? " -cl-nv-verbose" : "");
   char *src = NULL;
   size_t len = 0;
   CHECK_STATUS(program_source(ctx, file, &src, &len));
@@ -234,10 +300,33 @@ static clnsa_status build_program(clnsa_context *ctx, const char *file, const ch
     clReleaseProgram(p);
     return st;
   }
-  if (cached && (bin = program_binary(p, &bin_size)) != NULL) {
-    cache_write(path, bin, bin_size);
+  const bool nvidia = ctx->info.vendor_id == VENDOR_NVIDIA;
+  bin = cached || nvidia ? program_binary(p, &bin_size) : NULL;
+  size_t patched_size = 0;
+  unsigned char *patched = nvidia && bin ? sm90a_patch(bin, bin_size, &patched_size) : NULL;
+  if (patched) { /* the same program again, from its sm_90a PTX */
     free(bin);
+    bin = patched, bin_size = patched_size;
+    clReleaseProgram(p);
+    const unsigned char *bins[1] = {bin};
+    cl_int bin_status;
+    p = clCreateProgramWithBinary(ctx->cl, 1, &ctx->device, &bin_size, bins, &bin_status, &err);
+    if (err != CL_SUCCESS || bin_status != CL_SUCCESS) {
+      free(bin);
+      if (p) clReleaseProgram(p);
+      return clnsa_fail(ctx, CLNSA_ERR_BUILD, "loading the sm_90a PTX of %s failed (%d, %d)",
+                        file, (int)err, (int)bin_status);
+    }
+    if (clBuildProgram(p, 1, &ctx->device, options, NULL, NULL) != CL_SUCCESS) {
+      free(bin);
+      clnsa_status st = build_log_fail(ctx, p, file, options);
+      clReleaseProgram(p);
+      return st;
+    }
   }
+  if (cached && bin) cache_write(path, bin, bin_size);
+  free(bin);
+  if (log) build_log_print(ctx, p, file, options);
   *out = p;
   return CLNSA_SUCCESS;
 }

@@ -544,6 +544,56 @@ static void test_attend_tensor_cores(void **state) {
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], &r);
 }
 
+/* The compressed and window branches on Hopper's wgmma (cl/wgmma_ops.cl, opt-in through
+ * CLNSA_TUNE WGMMA=1): in the emulation (CPUs) the same tile layouts through emulated mma,
+ * on an H100 the instructions themselves; on other NVIDIA GPUs the mma.sync kernels.
+ * Several 64-row warpgroup tiles and key tiles per row (long windows, 200 compressed
+ * keys), a partial last tile, G 1 / 3 / 16, f32 k_cmp/v_cmp (the split), DV = 96 (32-dim
+ * P V instructions), varlen with an empty sequence, TQ < TK, peaked scores, and 64 keys a
+ * step (WG_KT=64). */
+static void test_attend_wgmma(void **state) {
+  (void)state;
+  rng r = {harness_seed("attend wgmma")};
+  const char *old = getenv("CLNSA_TUNE");
+  char *saved = old ? strdup(old) : NULL;
+  harness_tune_append("WGMMA=1");
+  const int wg = clnsa_context_wgmma(ctx);
+  printf("# wgmma path: %d\n", wg);
+  /* the emulation takes it whenever asked (NVIDIA: Hopper only, after its probe) */
+  if (clnsa_context_tensor_cores(ctx) == CLNSA_MMA_EMULATED) assert_int_equal(wg, 1);
+  /* clang-format off */
+  static const attend_case cases[] = {
+      /* name, B, TQ, TK, H, G, DK, DV, BS, S, W, nseq, cu_q, cu_k, dt, mixed, amp, scale, aligned */
+      {"wg G16", 1, 90, 90, 2, 16, 64, 64, 4, 4, {9, 200}, 0, {0}, {0}, CLNSA_BF16, 0, 0, 0, 1},
+      {"wg G1 f16", 2, 75, 75, 1, 1, 32, 64, 8, 4, {40}, 0, {0}, {0}, CLNSA_F16, 0, 0, 0, 1},
+      {"wg kv f32 dv96", 1, 150, 150, 1, 3, 128, 96, 2, 4, {0}, 0, {0}, {0}, CLNSA_BF16, KV_F32, 0, 0, 1},
+      {"wg kv f32 G16", 1, 41, 41, 2, 16, 32, 32, 2, 4, {0}, 0, {0}, {0}, CLNSA_BF16, KV_F32, 2.0, 0, 1},
+      {"wg TQ<TK", 1, 9, 77, 1, 8, 96, 32, 16, 5, {40}, 0, {0}, {0}, CLNSA_F16, 0, 0, 0, 1},
+      {"wg varlen", 1, 0, 0, 2, 2, 32, 32, 8, 4, {7}, 4, {0, 5, 5, 46, 47}, {0, 5, 5, 46, 47}, CLNSA_BF16, 0, 0, 0, 1},
+      {"wg peaked", 1, 48, 48, 1, 4, 64, 64, 8, 5, {48}, 0, {0}, {0}, CLNSA_F16, 0, 3.0, 0.7f, 1},
+  };
+  /* clang-format on */
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    problem pb;
+    problem_init(&pb, &cases[i], 0, &r);
+    run_compressed(&pb);
+    for (int w = 0; w < MAX_W && cases[i].W[w] > 0; w++) run_window(&pb, cases[i].W[w]);
+    problem_free(&pb);
+  }
+  harness_tune_append("WG_KT=64");
+  problem pb;
+  problem_init(&pb, &cases[0], 0, &r);
+  run_compressed(&pb);
+  run_window(&pb, 200);
+  problem_free(&pb);
+  if (saved) {
+    setenv("CLNSA_TUNE", saved, 1);
+    free(saved);
+  } else {
+    unsetenv("CLNSA_TUNE");
+  }
+}
+
 /* CLNSA_FLAG_TF32 with f32 q, k, v: on a tensor-core path (NVIDIA, or CLNSA_TUNE=MMA=2)
  * cl/attend_tf32.cl within the semantics' 1e-2 for tf32 matrix units, elsewhere, and for
  * shapes it does not take (DV = 24 here), the exact path within 1e-5. D = 128; G not a
@@ -608,6 +658,7 @@ int main(int argc, char **argv) {
   ctx = harness_context();
   if (harness_tensor_cores_mode(ctx, argc, argv)) {
     const struct CMUnitTest only[] = {cmocka_unit_test(test_attend_tensor_cores),
+                                      cmocka_unit_test(test_attend_wgmma),
                                       cmocka_unit_test(test_attend_tf32)};
     int rc = cmocka_run_group_tests(only, NULL, NULL);
     clnsa_context_destroy(ctx);

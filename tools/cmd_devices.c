@@ -85,11 +85,15 @@ static void print_device(long index, const char *platform, cl_device_id d, bool 
   char sel[32];
   snprintf(sel, sizeof sel, "%ld", index);
   clnsa_context *ctx = NULL;
-  if (vendor == 0x10DE && clnsa_context_create_from_selector(sel, &ctx) == CLNSA_SUCCESS)
+  const char *wg = "off (opt-in: CLNSA_TUNE=WGMMA=1 on compute capability 9.x)";
+  if (vendor == 0x10DE && clnsa_context_create_from_selector(sel, &ctx) == CLNSA_SUCCESS) {
     mma = clnsa_context_tensor_cores(ctx) == CLNSA_MMA_NVIDIA ? "yes (mma.sync probe passed)"
                                                               : "no (mma.sync probe failed)";
+    if (clnsa_context_wgmma(ctx)) wg = "on (CLNSA_TUNE=WGMMA=1, wgmma probe passed)";
+  }
   clnsa_context_destroy(ctx);
   printf("    tensor cores    %s\n", mma);
+  printf("    wgmma           %s\n", wg);
 }
 
 int cmd_devices(int argc, char **argv) {
