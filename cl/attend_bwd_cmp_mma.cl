@@ -52,6 +52,20 @@
 #ifndef CQ_NW
 #define CQ_NW 4 /* bwd_dq_compressed_mma: warps per group, 16 rows each */
 #endif
+#ifndef CQ_BATCH /* bwd_dq_compressed_mma: 1 issues a staged tile's loads all at once */
+#define CQ_BATCH 1
+#endif
+#define CQ_KIT ((CKT * (DK / 8) + 32 * CQ_NW - 1) / (32 * CQ_NW)) /* loads a work-item */
+#define CQ_VIT ((CKT * (DV / 8) + 32 * CQ_NW - 1) / (32 * CQ_NW))
+/* r[it] = the 8 floats of unit lid + it 32 CQ_NW of the tile's blocks k0 .. k0 + CKT - 1
+ * of tensor t (ld units a row; blocks past kend read the last one), all loads issued
+ * before any is used (CQ_BATCH) */
+#define CQ_LOADS(r, t, ld)                                                                \
+  _Pragma("unroll") for (int it = 0; it < (CKT * (ld) + 32 * CQ_NW - 1) / (32 * CQ_NW); it++) { \
+    const int x = min(lid + it * 32 * CQ_NW, CKT * (ld) - 1), j = x / (ld);              \
+    __global const float *p = t + TIDX(t, sp.b, sp.c0 + min(k0 + j, kend - 1), h) + 8 * (x - j * (ld)); \
+    r[it][0] = *(__global const float4 *)p, r[it][1] = *(__global const float4 *)(p + 4); \
+  }
 #ifndef CKT
 #define CKT 16 /* bwd_dq_compressed_mma: blocks per staged tile, a multiple of 16 */
 #endif
@@ -214,16 +228,20 @@ inline float bf16_half(uint w, int upper) {
 
 /* Elements i .. i + 7 of an f32 tensor (i a multiple of 4; zeros where !ok) as bf16
  * pairs: *hi = bf16(x), *lo = bf16(x - hi), so that hi + lo keeps 16 bits of x. */
-inline __attribute__((always_inline)) void split8_words(__global const float *p, long i, bool ok,
-                                                        uint4 *hi, uint4 *lo) {
-  const float4 a = ok ? *(__global const float4 *)(p + i) : (float4)(0.0f);
-  const float4 b = ok ? *(__global const float4 *)(p + i + 4) : (float4)(0.0f);
+inline __attribute__((always_inline)) void split8_regs(float4 a, float4 b, uint4 *hi, uint4 *lo) {
   const uint4 r = (uint4)(pack2(a.x, a.y), pack2(a.z, a.w), pack2(b.x, b.y), pack2(b.z, b.w));
   *hi = r;
   *lo = (uint4)(pack2(a.x - bf16_half(r.x, 0), a.y - bf16_half(r.x, 1)),
                 pack2(a.z - bf16_half(r.y, 0), a.w - bf16_half(r.y, 1)),
                 pack2(b.x - bf16_half(r.z, 0), b.y - bf16_half(r.z, 1)),
                 pack2(b.z - bf16_half(r.w, 0), b.w - bf16_half(r.w, 1)));
+}
+
+inline __attribute__((always_inline)) void split8_words(__global const float *p, long i, bool ok,
+                                                        uint4 *hi, uint4 *lo) {
+  const float4 a = ok ? *(__global const float4 *)(p + i) : (float4)(0.0f);
+  const float4 b = ok ? *(__global const float4 *)(p + i + 4) : (float4)(0.0f);
+  split8_regs(a, b, hi, lo);
 }
 
 /* The same, stored in local memory. */
@@ -282,6 +300,35 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
   zero_tiles(acc, DK / 8);
 
   for (int k0 = 0; k0 < kend; k0 += CKT) {
+#if CQ_BATCH
+    /* the tile's loads all in flight before the barrier (rows clamped into the tile, so
+     * each address is valid; blocks past it zeroed), then split and stored */
+    float4 kr8[CQ_KIT][2], vr8[CQ_VIT][2];
+    CQ_LOADS(kr8, kc, DK / 8);
+    CQ_LOADS(vr8, vc, DV / 8);
+    barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile consumed */
+#pragma unroll
+    for (int it = 0; it < CQ_KIT; it++) {
+      const int x = lid + it * 32 * CQ_NW, j = x / (DK / 8), u = x - j * (DK / 8);
+      const bool ok = k0 + j < kend;
+      uint4 hi, lo;
+      split8_regs(ok ? kr8[it][0] : (float4)(0.0f), ok ? kr8[it][1] : (float4)(0.0f), &hi, &lo);
+      if (x < CKT * (DK / 8)) kst[j * KLD8 + u] = hi, kst[(CKT + j) * KLD8 + u] = lo;
+    }
+#pragma unroll
+    for (int it = 0; it < CQ_VIT; it++) {
+      const int x = lid + it * 32 * CQ_NW, j = x / (DV / 8), u = x - j * (DV / 8);
+      const bool ok = k0 + j < kend;
+      uint4 hi, lo;
+      split8_regs(ok ? vr8[it][0] : (float4)(0.0f), ok ? vr8[it][1] : (float4)(0.0f), &hi, &lo);
+      if (x < CKT * (DV / 8)) {
+        vst[j * VLD8 + u] = hi;
+#if CV_SPLIT
+        vst[(CKT + j) * VLD8 + u] = lo;
+#endif
+      }
+    }
+#else
     barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile consumed */
     for (int x = lid; x < CKT * (DK / 8); x += 32 * CQ_NW) {
       const int j = x / (DK / 8), u = x - j * (DK / 8);
@@ -298,6 +345,7 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
              vst + j * VLD8 + u);
 #endif
     }
+#endif /* CQ_BATCH */
     barrier(CLK_LOCAL_MEM_FENCE);
     if (k0 >= wend) continue; /* warp-uniform: none of this warp's rows sees the tile */
 

@@ -667,16 +667,19 @@ __kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_se
   __global const float *gate = ws + gate_off, *delta = ws + delta_off;
   (void)TQ;
 
-  /* the block's K and V rows, zeros past its keys (P is 0 there; no NaN enters) */
+  /* the block's K and V rows, zeros past its keys (P is 0 there; no NaN enters); rows
+   * clamped into the block, so that every load is valid and four are in flight at once */
+#pragma unroll 4
   for (int i = lid; i < KVQ_KEYS * (DK / 8); i += 32 * KVQ_NW) {
     const int j = i / (DK / 8), u = i - j * (DK / 8);
-    kst[KVQ_LD8(DK / 8, j, u)] =
-        LD8(k, TIDX(k, blk.b, blk.kstart + c0 + min(j, nkeys - 1), h) + 8 * u, j < nkeys);
+    const uint4 w = LD8(k, TIDX(k, blk.b, blk.kstart + c0 + min(j, nkeys - 1), h) + 8 * u, true);
+    kst[KVQ_LD8(DK / 8, j, u)] = j < nkeys ? w : (uint4)(0u);
   }
+#pragma unroll 4
   for (int i = lid; i < KVQ_KEYS * (DV / 8); i += 32 * KVQ_NW) {
     const int j = i / (DV / 8), u = i - j * (DV / 8);
-    vst[KVQ_LD8(DV / 8, j, u)] =
-        LD8(v, TIDX(v, blk.b, blk.kstart + c0 + min(j, nkeys - 1), h) + 8 * u, j < nkeys);
+    const uint4 w = LD8(v, TIDX(v, blk.b, blk.kstart + c0 + min(j, nkeys - 1), h) + 8 * u, true);
+    vst[KVQ_LD8(DV / 8, j, u)] = j < nkeys ? w : (uint4)(0u);
   }
   const float sl2 = scale * M_LOG2E_F;
   __global const uint *mrow = mask + mask_off + (long)srow * NCH;

@@ -49,6 +49,9 @@
 #ifndef TPW
 #define TPW (16 * MT / GQ) /* query tokens per warp: a power of two, TPW GQ <= 16 MT */
 #endif
+#ifndef TOPK_BATCH /* 1: a staged tile's loads all issued before the barrier and the stores */
+#define TOPK_BATCH 1
+#endif
 #ifndef KT
 #define KT 32 /* candidates per step, a multiple of 16 */
 #endif
@@ -221,6 +224,28 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
 
   const float sl2 = scale * M_LOG2E_F;
   for (int c0 = 0; c0 < g_hi; c0 += KT) {
+#if TOPK_BATCH
+    /* the tile's loads all in flight before the barrier (candidates clamped into the
+     * range, so each address is valid; those past it zeroed), then the stores */
+    kpairs kw[(KT * (DK / 8) + WG - 1) / WG];
+#pragma unroll
+    for (int it = 0; it < (KT * (DK / 8) + WG - 1) / WG; it++) {
+      const int i = min(lid + it * WG, KT * (DK / 8) - 1), j = i / (DK / 8), u = i - j * (DK / 8);
+      kw[it] = load_kc8(kc, TIDX(kc, sq.b, sq.cstart + min(c0 + j, g_hi - 1), h) + 8 * u, true);
+    }
+    barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile's readers are done */
+#pragma unroll
+    for (int it = 0; it < (KT * (DK / 8) + WG - 1) / WG; it++) {
+      const int i = lid + it * WG, j = i / (DK / 8), u = i - j * (DK / 8);
+      const bool in = c0 + j < g_hi;
+      if (i < KT * (DK / 8)) {
+        kst[j * KLD8 + u] = in ? kw[it].hi : (uint4)(0u);
+#if KC_DT == 0
+        kst_lo[j * KLD8 + u] = in ? kw[it].lo : (uint4)(0u);
+#endif
+      }
+    }
+#else
     barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile's readers are done */
     for (int i = lid; i < KT * (DK / 8); i += WG) {
       const int j = i / (DK / 8), u = i - j * (DK / 8), c = c0 + j;
@@ -231,6 +256,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
       kst_lo[j * KLD8 + u] = w.lo;
 #endif
     }
+#endif /* TOPK_BATCH */
     barrier(CLK_LOCAL_MEM_FENCE);
     float sc[MT][NT][4];
 #pragma unroll
