@@ -385,7 +385,7 @@ static size_t cmp_dkdv_warp_bytes(const nsa_dims *d) {
 /* Tensor-core compressed kernels (cl/attend_bwd_cmp_mma.cl): k_cmp and v_cmp are the forward's
  * f32 rows, split into bf16 hi + lo on the tensor cores, so q and do must be bf16 (an f16
  * split would lose small values to f16's range: f16 q runs the portable kernels). dq: 4
- * warps of 16 rows share a staged tile of 16 blocks (hi and lo, 64-byte padded rows);
+ * warps of 16 rows share a staged tile of CKT blocks (hi and lo, 64-byte padded rows);
  * dk/dv: a warp owns 16 blocks whose hi/lo A fragments wait in local memory (12 KiB a
  * warp at DK = DV = 128), next to the group's two stages of its steps' rows (cp.async,
  * 18.5 KiB): BWD_CKV_NW warps, 2 by default, lowered here until the group fits. */
