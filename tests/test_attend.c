@@ -556,6 +556,8 @@ static void test_attend_wgmma(void **state) {
   rng r = {harness_seed("attend wgmma")};
   const char *old = getenv("CLNSA_TUNE");
   char *saved = old ? strdup(old) : NULL;
+  assert_int_equal(clnsa_context_wgmma(ctx), 0); /* opt-in: off unless asked */
+  assert_int_equal(clnsa_context_wgmma(NULL), 0);
   harness_tune_append("WGMMA=1");
   const int wg = clnsa_context_wgmma(ctx);
   printf("# wgmma path: %d\n", wg);
