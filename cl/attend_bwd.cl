@@ -58,6 +58,9 @@
 #ifndef QKEYS /* dq kernels: keys per tile */
 #define QKEYS 16
 #endif
+#ifndef DQ_TPG /* selected dq: tokens a work-group packs (G < QROWS); DQ_UCAP = DQ_TPG S */
+#define DQ_TPG 1
+#endif
 #ifndef KROWS /* dk/dv kernels: rows per tile */
 #define KROWS 16
 #endif
@@ -84,7 +87,7 @@
 #define DK_PER CEIL_DIV(KKEYS * DK, THREADS)
 #define DV_PER CEIL_DIV(KKEYS * DV, THREADS)
 #define TILE_FLOATS(R, K) ((R) * (QST + OST) + (K) * (QST + OST) + 2 * (R) * ((K) + 1) + 3 * (R))
-#define TILE_INTS(R, K) (4 * (R) + (K))
+#define TILE_INTS(R, K) (5 * (R) + 2 * (K))
 #define TPASS(t) t, t##_off, t##_s0, t##_s1, t##_s2
 
 /* dst[r * ST + d] = VALUE (an expression of r and d) for the n elements e = r * D + d of
@@ -121,10 +124,13 @@ inline seqspan seq_span(__global const int *cu, int nseq, int TQ, int NB, int s)
 }
 
 /* The local tiles of one work-group: rows (q, gated dO, lse, delta, gate, mask range,
- * token row, query head) and keys (k, v, position), and the P and dS of rows x keys. */
+ * token row, query head, token offset ru in the group) and keys (k, v, position, and
+ * kmsk: the tokens whose selection holds the key, bit ru; all ones but in the packed
+ * selected dq), and the P and dS of rows x keys. */
 typedef struct tile {
   __local float *q, *o, *k, *v, *p, *ds, *lse, *del, *g;
-  __local int *rt, *rh, *lo, *hi, *kpos;
+  __local int *rt, *rh, *lo, *hi, *ru, *kpos;
+  __local uint *kmsk;
   int pst; /* row stride of p and ds: key capacity + 1 */
 } tile;
 
@@ -143,7 +149,9 @@ inline tile tile_carve(__local float *f, __local int *i, int R, int K) {
   t.rh = t.rt + R;
   t.lo = t.rh + R;
   t.hi = t.lo + R;
-  t.kpos = t.hi + R;
+  t.ru = t.hi + R;
+  t.kpos = t.ru + R;
+  t.kmsk = (__local uint *)(t.kpos + K);
   t.pst = K + 1;
   return t;
 }
@@ -175,6 +183,7 @@ inline void tile_load_rows(tile t, int R, long f0, long fend, int use_list,
     const long rs = ((long)b * TQ + sp.t0 + i) * HQ + hq;
     t.rt[r] = i < 0 ? -1 : sp.t0 + i;
     t.rh[r] = hq;
+    t.ru[r] = min((int)(f / G - f0 / G), 31);
     t.lo[r] = range.x;
     t.hi[r] = range.y;
     t.lse[r] = i < 0 ? 0.0f : lse[TIDX(lse, b, sp.t0 + i, hq)];
@@ -190,7 +199,8 @@ inline void tile_load_rows(tile t, int R, long f0, long fend, int use_list,
 }
 
 /* Position of key slot u of a key walk: u itself, or with use_list the tokens of the
- * listed blocks back to back. Positions past kmax are empty slots. */
+ * listed blocks back to back. Positions past kmax are empty slots. use_list == 2: the
+ * list is a union of several tokens' blocks, bmsk[] says whose (block_union). */
 inline int key_pos(int u, int use_list, __local const int *blist, int BS, int kmax) {
   const int pos = use_list ? blist[u / BS] * BS + u % BS : u;
   return pos <= kmax ? pos : INT_MAX;
@@ -198,10 +208,13 @@ inline int key_pos(int u, int use_list, __local const int *blist, int BS, int km
 
 /* Loads key slots u0 .. u0+n-1 of kv head h (rows kbase + position of k and v). */
 #define DEFINE_LOAD_KEYS(NAME, KDT, VDT)                                                      \
-  inline void NAME(tile t, int u0, int n, int use_list, __local const int *blist, int BS,    \
-                   int kmax, int b, int kbase, int h, CTENSOR(KDT, k), CTENSOR(VDT, v)) {    \
-    for (int j = get_local_id(0); j < n; j += THREADS)                                        \
+  inline void NAME(tile t, int u0, int n, int use_list, __local const int *blist,            \
+                   __local const uint *bmsk, int BS, int kmax, int b, int kbase, int h,      \
+                   CTENSOR(KDT, k), CTENSOR(VDT, v)) {                                        \
+    for (int j = get_local_id(0); j < n; j += THREADS) {                                      \
       t.kpos[j] = key_pos(u0 + j, use_list, blist, BS, kmax);                                 \
+      t.kmsk[j] = use_list == 2 ? bmsk[(u0 + j) / BS] : ~0u;                                  \
+    }                                                                                         \
     barrier(CLK_LOCAL_MEM_FENCE);                                                             \
     TILE_COPY(n * DK, DK, QST, t.k,                                                           \
               t.kpos[r] == INT_MAX ? 0.0f : LOAD(KDT, k, TIDX(k, b, kbase + t.kpos[r], h) + d)) \
@@ -238,7 +251,7 @@ inline void tile_scores(tile t, int K, float scale, int nr, int nk) {
     const int r = r0 + i * rstep;
     if (r >= nr) break;
     float p = 0.0f, ds = 0.0f;
-    if (pos >= t.lo[r] && pos <= t.hi[r]) {
+    if (pos >= t.lo[r] && pos <= t.hi[r] && ((t.kmsk[j] >> t.ru[r]) & 1u)) {
       p = exp(scale * s[i] - t.lse[r]);
       ds = p * (dp[i] - t.del[r]);
     }
@@ -290,7 +303,8 @@ inline void dq_store(tile t, int mode, int b, int TQ, int HQ, float scale,
  * stream through in tiles. Keys are compressed rows (MODE_CMP) or tokens. */
 inline void dq_walk(tile t, int mode, long f0, long fend, seqspan sp, int h, int G,
                     int nkeys, int kfirst, int kmax, int use_list, __local const int *blist,
-                    float scale, int W, int BS, int TQ, int HQ, CTENSOR(Q_DT, q),
+                    __local const uint *bmsk, float scale, int W, int BS, int TQ, int HQ,
+                    CTENSOR(Q_DT, q),
                     CTENSOR(K_DT, k), CTENSOR(V_DT, v), CTENSOR(0, kc), CTENSOR(0, vc),
                     CTENSOR(DO_DT, dout), CTENSOR(0, lse), __global const float *gate,
                     __global const float *delta, __global float *dq) {
@@ -302,10 +316,10 @@ inline void dq_walk(tile t, int mode, long f0, long fend, seqspan sp, int h, int
   for (int u0 = 0; u0 < nkeys; u0 += QKEYS) {
     const int nk = min(QKEYS, nkeys - u0);
     if (mode == MODE_CMP)
-      tile_load_keys_f32(t, kfirst + u0, nk, 0, blist, BS, kmax, sp.b, sp.c0, h, TPASS(kc),
+      tile_load_keys_f32(t, kfirst + u0, nk, 0, blist, bmsk, BS, kmax, sp.b, sp.c0, h, TPASS(kc),
                          TPASS(vc));
     else
-      tile_load_keys(t, kfirst + u0, nk, use_list, blist, BS, kmax, sp.b, sp.t0, h, TPASS(k),
+      tile_load_keys(t, kfirst + u0, nk, use_list, blist, bmsk, BS, kmax, sp.b, sp.t0, h, TPASS(k),
                      TPASS(v));
     tile_scores(t, QKEYS, scale, nr, nk);
     barrier(CLK_LOCAL_MEM_FENCE);
@@ -333,9 +347,9 @@ inline void dq_contiguous(int mode, __local float *lf, __local int *li, float sc
     kmax = ihi;
   }
   const tile t = tile_carve(lf, li, QROWS, QKEYS);
-  dq_walk(t, mode, f0, fend, sp, h, G, kmax - kfirst + 1, kfirst, kmax, 0, li, scale, W, BS,
-          TQ, HQ, TPASS(q), TPASS(k), TPASS(v), TPASS(kc), TPASS(vc), TPASS(dout), TPASS(lse),
-          gate, delta, dq);
+  dq_walk(t, mode, f0, fend, sp, h, G, kmax - kfirst + 1, kfirst, kmax, 0, li,
+          (__local const uint *)li, scale, W, BS, TQ, HQ, TPASS(q), TPASS(k), TPASS(v), TPASS(kc),
+          TPASS(vc), TPASS(dout), TPASS(lse), gate, delta, dq);
 }
 
 __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void bwd_dq_compressed(
@@ -361,13 +375,30 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void bwd_dq_window
 }
 
 /* Selected branch: a work-group owns QROWS of the G query heads of one token and walks the
- * tokens of the token's selected blocks. */
+ * tokens of the token's selected blocks; with DQ_TPG > 1 (G small: DQ_TPG G <= QROWS) it
+ * owns all heads of DQ_TPG consecutive tokens and walks the union of their blocks
+ * (cl/block_union.cl), each row masked to its own token's. */
 __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void bwd_dq_selected(
     CTENSOR(Q_DT, q), CTENSOR(K_DT, k), CTENSOR(V_DT, v), CTENSOR(DO_DT, dout),
     CTENSOR(0, lse), CITENSOR(bi), __global float *ws, long gate_off, long delta_off,
     long dq_off, float scale, int S, int BS, SEQ_ARGS) {
   __local float lf[TILE_FLOATS(QROWS, QKEYS)];
   __local int li[TILE_INTS(QROWS, QKEYS)];
+#if DQ_TPG > 1
+  __local int ucand[DQ_UCAP], ulist[DQ_UCAP];
+  __local uint utmp[DQ_UCAP], umsk[DQ_UCAP];
+  const seqspan sp = seq_span(cu, nseq, TQ, NB, get_group_id(1));
+  const int h = get_group_id(2), G = HQ / H, tok0 = get_group_id(0) * DQ_TPG;
+  if (tok0 >= sp.len) return;
+  const int ntok = min(DQ_TPG, sp.len - tok0);
+  const int nblk = block_union(TPASS(bi), sp.b, sp.t0 + tok0, ntok, tok0, h, S, BS, THREADS,
+                               ulist, umsk, ucand, utmp);
+  const tile t = tile_carve(lf, li, QROWS, QKEYS);
+  dq_walk(t, MODE_SLC, (long)tok0 * G, (long)(tok0 + ntok) * G, sp, h, G, nblk * BS, 0,
+          tok0 + ntok - 1, 2, ulist, umsk, scale, 0, BS, TQ, HQ, TPASS(q), TPASS(k), TPASS(v),
+          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, TPASS(dout), TPASS(lse), ws + gate_off, ws + delta_off,
+          ws + dq_off);
+#else
   __local int sel[3 * MAX_S];
   const seqspan sp = seq_span(cu, nseq, TQ, NB, get_group_id(1));
   const int h = get_group_id(2), G = HQ / H, chunks = (G + QROWS - 1) / QROWS;
@@ -377,8 +408,10 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void bwd_dq_select
                                   sel + MAX_S, sel + 2 * MAX_S, THREADS);
   const tile t = tile_carve(lf, li, QROWS, QKEYS);
   dq_walk(t, MODE_SLC, (long)i * G + g0, (long)(i + 1) * G, sp, h, G, nblk * BS, 0, i, 1,
-          sel + 2 * MAX_S, scale, 0, BS, TQ, HQ, TPASS(q), TPASS(k), TPASS(v), 0, 0, 0, 0, 0,
-          0, 0, 0, 0, 0, TPASS(dout), TPASS(lse), ws + gate_off, ws + delta_off, ws + dq_off);
+          sel + 2 * MAX_S, (__local const uint *)sel, scale, 0, BS, TQ, HQ, TPASS(q), TPASS(k),
+          TPASS(v), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, TPASS(dout), TPASS(lse), ws + gate_off,
+          ws + delta_off, ws + dq_off);
+#endif
 }
 
 /* ---------------------------------------------------------------- dk, dv */
@@ -435,9 +468,11 @@ inline int dkdv_contiguous(int mode, int u0, int chunk, int ctok, __local float 
   ilast = min(ilast, (long)(chunk + 1) * ctok - 1);
   const tile t = tile_carve(lf, li, KROWS, KKEYS);
   if (mode == MODE_CMP)
-    tile_load_keys_f32(t, u0, nk, 0, li, BS, nkeys - 1, sp.b, sp.c0, h, TPASS(kc), TPASS(vc));
+    tile_load_keys_f32(t, u0, nk, 0, li, (__local const uint *)li, BS, nkeys - 1, sp.b, sp.c0, h,
+                       TPASS(kc), TPASS(vc));
   else
-    tile_load_keys(t, u0, nk, 0, li, BS, nkeys - 1, sp.b, sp.t0, h, TPASS(k), TPASS(v));
+    tile_load_keys(t, u0, nk, 0, li, (__local const uint *)li, BS, nkeys - 1, sp.b, sp.t0, h,
+                   TPASS(k), TPASS(v));
   const long fend = (ilast + 1) * G;
   for (long f0 = ifirst * G; f0 < fend; f0 += KROWS)
     dkdv_step(t, mode, f0, fend, 0, li, sp, h, G, nk, scale, W, BS, TQ, HQ, TPASS(q),
@@ -512,7 +547,8 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void bwd_dkdv_sele
   if (u0 >= kend) return;
   const int nk = min(KKEYS, kend - u0), G = HQ / H;
   const tile t = tile_carve(lf, li, KROWS, KKEYS);
-  tile_load_keys(t, u0, nk, 0, list, BS, kend - 1, sp.b, sp.t0, h, TPASS(k), TPASS(v));
+  tile_load_keys(t, u0, nk, 0, list, (__local const uint *)list, BS, kend - 1, sp.b, sp.t0, h,
+                 TPASS(k), TPASS(v));
   float ak[DK_PER], av[DV_PER];
   for (int i = 0; i < DK_PER; i++) ak[i] = 0.0f;
   for (int i = 0; i < DV_PER; i++) av[i] = 0.0f;

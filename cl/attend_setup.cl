@@ -7,7 +7,7 @@
  *
  * Needs MODE, BS, ROWS (rows of the group's tile), WG (work-items), TPG and UCAP
  * (MODE 2 token packing), LCAP (MODE 3: tokens a chunk holds at most); the host passes
- * them all as -D options.
+ * them all as -D options. MODE 2 with TPG > 1 needs cl/block_union.cl before this file.
  */
 #ifndef MODE
 #define MODE 1
@@ -157,51 +157,6 @@ inline void setup_selected(__global const int *cu, int nseq, int B, int TQ, int 
 }
 
 #if MODE == 2 && TPG > 1
-/* MODE 2, TPG > 1: the sorted distinct valid blocks of the lists of ntok tokens (token u
- * at row tok0 + u of bi, position p0 + u) into list[], and into msk[] which tokens list
- * each; returns their number. cand[] and tmpm[] (UCAP each) are scratch. Contains
- * barriers: call from every item. */
-inline int union_blocks(CITENSOR(bi), int b, int tok0, int ntok, int p0, int h, int S,
-                        __local int *list, __local uint *msk, __local int *cand,
-                        __local uint *tmpm) {
-  const int lid = get_local_id(0), nc = ntok * S;
-  for (int i = lid; i < nc; i += WG) {
-    const int u = i / S, c = bi[TIDX(bi, b, tok0 + u, h) + (i - u * S)];
-    cand[i] = c >= 0 && c <= (p0 + u) / BS ? c : -1;
-  }
-  LBARRIER();
-  for (int i = lid; i < nc; i += WG) { /* first occurrence of each block: all its tokens */
-    const int c = cand[i];
-    uint m = 0u;
-    bool first = true;
-    for (int u = 0; u < ntok; u++) {
-      const uint bit = 1u << u;
-      for (int j = u * S; j < u * S + S; j++) {
-        const int cj = cand[j];
-        if (cj == c) {
-          m |= bit;
-          if (j < i) first = false;
-        }
-      }
-    }
-    tmpm[i] = c >= 0 && first ? m : 0u;
-  }
-  LBARRIER();
-  int n = 0;
-  for (int j = 0; j < nc; j++) n += tmpm[j] != 0u;
-  for (int i = lid; i < nc; i += WG) { /* rank = number of smaller kept blocks */
-    const uint m = tmpm[i];
-    if (m == 0u) continue;
-    const int c = cand[i];
-    int rank = 0;
-    for (int j = 0; j < nc; j++) rank += tmpm[j] != 0u && cand[j] < c;
-    list[rank] = c;
-    msk[rank] = m;
-  }
-  LBARRIER();
-  return n;
-}
-
 /* MODE 2, TPG > 1: the first token of the group's tile (group id % tiles) of TPG tokens
  * of sequence (group id / tiles); >= sq->tq when the tile lies past the sequence. */
 inline int selected_tile(__global const int *cu, int nseq, int TQ, int TK, int tiles,
@@ -219,7 +174,8 @@ inline void setup_selected_multi(attend_seq sq, int t0, int G, int h, CITENSOR(b
                                  attend_group *grp, attend_rows rows, __local int *list,
                                  __local uint *msk, __local int *cand, __local uint *tmpm) {
   const int ntok = clamp(sq.tq - t0, 0, TPG), p0 = t0 + sq.tk - sq.tq;
-  const int n = union_blocks(TPASS(bi), sq.b, sq.q0 + t0, ntok, p0, h, S, list, msk, cand, tmpm);
+  const int n =
+      block_union(TPASS(bi), sq.b, sq.q0 + t0, ntok, p0, h, S, BS, WG, list, msk, cand, tmpm);
   const int plast = p0 + ntok - 1;
   grp->b = sq.b;
   grp->krow0 = sq.kstart;

@@ -285,9 +285,9 @@ static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims 
   if (half && mode != MODE_SELECTED) CHECK_STATUS(wgmma_enabled(ctx, mma, &wgmma));
   attend_config cfg = {0};
   build_options opt = {{0}, 0};
-  const char *file = "attend_setup.cl+attend.cl", *name = "attend_fwd";
+  const char *file = "block_union.cl+attend_setup.cl+attend.cl", *name = "attend_fwd";
   if (mma != MMA_OFF && tf32 && attend_tf32_configure(ctx, mode, d, mma == MMA_EMULATED, &cfg)) {
-    file = "warp_ops.cl+attend_setup.cl+attend_tf32.cl", name = "attend_tf32_fwd";
+    file = "warp_ops.cl+block_union.cl+attend_setup.cl+attend_tf32.cl", name = "attend_tf32_fwd";
     options_add(&opt, "-DMODE=%d -DDK=%d -DDV=%d -DROWS=%d -DKT=%d -DWG=%d -DNW=%d", mode, d->DK,
                 d->DV, cfg.rows, cfg.kt, cfg.wg, cfg.wg / 32);
     options_add(&opt, " -DWARP_EMULATE=%d -DHAS_LSE=%d", mma == MMA_EMULATED, lse ? 1 : 0);
@@ -295,7 +295,7 @@ static clnsa_status attend_enqueue(clnsa_context *ctx, int mode, const nsa_dims 
              attend_mma_configure(ctx, mode, d, mma == MMA_EMULATED, k->dtype == CLNSA_F32,
                                   v->dtype == CLNSA_F32, wgmma, &cfg)) {
     file = cfg.wg_n_v ? "warp_ops.cl+wgmma_ops.cl+attend_setup.cl+attend_mma.cl"
-                      : "warp_ops.cl+attend_setup.cl+attend_mma.cl";
+                      : "warp_ops.cl+block_union.cl+attend_setup.cl+attend_mma.cl";
     name = "attend_mma_fwd";
     if (cfg.wg_n_v)
       options_add(&opt, "-DWGMMA=1 -DWG_N_S=%d -DWG_N_V=%d ", cfg.kt, cfg.wg_n_v);

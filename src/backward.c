@@ -170,7 +170,7 @@ typedef struct bwd_tuning {
 /* Local bytes of one tile of cl/attend_bwd.cl (TILE_FLOATS + TILE_INTS). */
 static size_t tile_bytes(int dk, int dv, int rows, int keys) {
   const size_t r = (size_t)rows, k = (size_t)keys, w = (size_t)dk + dv + 2;
-  return 4 * (r * w + k * w + 2 * r * (k + 1) + 3 * r + 4 * r + k);
+  return 4 * (r * w + k * w + 2 * r * (k + 1) + 3 * r + 5 * r + 2 * k);
 }
 
 static void fit_tile(size_t budget, size_t extra, int dk, int dv, int *rows, int *keys) {
@@ -289,6 +289,7 @@ typedef struct bwd_plan {
   int dq_nw, kv_nw;            /* their warps per group: selected dq, dk/dv */
   int cq_nw, ckv_nw;           /* compressed dq, dk/dv */
   int ckt;                     /* compressed dq: blocks per staged tile */
+  int dq_tpg;                  /* portable selected dq: tokens per group (DQ_TPG) */
   /* the walks of bwd_gate_grads, bwd_finalize_q and bwd_finalize_kv */
   row_walk walk_gg, walk_q, walk_kv;
 } bwd_plan;
@@ -404,6 +405,8 @@ static bool bwd_mma_cmp_configure(const clnsa_context *ctx, const nsa_dims *d,
          stages + per_warp * p->ckv_nw + scratch <= room;
 }
 
+#define BWD_PORTABLE "block_union.cl+bwd_mask.cl+attend_bwd.cl" /* the portable kernels */
+
 static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
   const nsa_dims *d = p->d;
   const clnsa_inputs *in = p->in;
@@ -419,6 +422,22 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
   options_add_dtype(&o, "K", in->k);
   options_add_dtype(&o, "V", in->v);
   options_add_dtype(&o, "DO", p->d_o);
+  /* The portable selected dq packs DQ_TPG tokens into a group where their G heads fill
+   * fewer than QROWS rows (each row masked to its own token's blocks of the union): with
+   * one token a group, G = 1 left 15 of 16 rows idle and every group loaded its 1024 keys
+   * for one row. The union's four arrays take the local bytes the single-token list has
+   * (3 x 128 ints): DQ_TPG S <= 96. */
+  p->dq_tpg = 1;
+  if (!p->mma && d->G < p->tune.qrows && d->S > 0) {
+    int tpg = p->tune.qrows / d->G;
+    const int cap = 3 * CLNSA_MAX_BLOCK_COUNT / 4 / d->S;
+    tpg = tpg > cap ? cap : tpg;
+    tpg = tpg > 32 ? 32 : tpg;
+    if (tpg > 1 && tuning_env_int("DQ_TPG", 1, 0)) {
+      p->dq_tpg = tpg;
+      options_add(&o, " -DDQ_TPG=%d -DDQ_UCAP=%d", tpg, tpg * d->S);
+    }
+  }
   const char *dq_names[3] = {"bwd_dq_selected", "bwd_dq_compressed", "bwd_dq_window"};
   const char *kv_names[3] = {"bwd_dkdv_selected", "bwd_dkdv_compressed", "bwd_dkdv_window"};
   const bool runs[3] = {true, p->cmp, p->swa};
@@ -426,10 +445,9 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
     if (!runs[x] || (x == BRANCH_SLC && p->mma)) continue;
     if (x != BRANCH_CMP || !p->cmp_dq_mma)
       CHECK_STATUS(
-          program_kernel(ctx, "bwd_mask.cl+attend_bwd.cl", o.text, dq_names[x], &p->dq[x]));
+          program_kernel(ctx, BWD_PORTABLE, o.text, dq_names[x], &p->dq[x]));
     if (x != BRANCH_CMP || !p->cmp_kv_mma)
-      CHECK_STATUS(
-          program_kernel(ctx, "bwd_mask.cl+attend_bwd.cl", o.text, kv_names[x], &p->dkdv[x]));
+      CHECK_STATUS(program_kernel(ctx, BWD_PORTABLE, o.text, kv_names[x], &p->dkdv[x]));
   }
   if (p->mma) {
     build_options ot = {{0}, 0};
@@ -641,12 +659,14 @@ static clnsa_status enqueue_dq(clnsa_context *ctx, const bwd_plan *p, int x, enq
   if (x == BRANCH_SWA) arg_int(&a, d->W);
   arg_int(&a, d->BS);
   arg_seq(&a, d);
-  /* selected: one group per (token, QROWS heads; 16 on tensor cores); others: QROWS
-   * flattened (token, g) rows (compressed on tensor cores: 16 per warp) */
+  /* selected: one group per (token, QROWS heads; 16 on tensor cores), or per DQ_TPG
+   * tokens; others: QROWS flattened (token, g) rows (compressed on tensor cores: 16 per
+   * warp) */
   const bool mma = x == BRANCH_SLC && p->mma, mma_cmp = x == BRANCH_CMP && p->cmp_dq_mma;
   const size_t groups = mma_cmp           ? ceil_div(len * (size_t)d->G, 16 * (size_t)p->cq_nw)
                         : x != BRANCH_SLC ? ceil_div(len * (size_t)d->G, rows)
                         : mma             ? len * ceil_div((size_t)d->G, 16)
+                        : p->dq_tpg > 1   ? ceil_div(len, (size_t)p->dq_tpg)
                                           : len * ceil_div((size_t)d->G, rows);
   size_t local[3] = {mma       ? 32 * (size_t)p->dq_nw
                      : mma_cmp ? 32 * (size_t)p->cq_nw
