@@ -43,6 +43,12 @@
 #ifndef DO_DT
 #define DO_DT 0
 #endif
+#ifndef KC_DT /* the forward's k_cmp, v_cmp: f32, or k's and v's dtypes (CLNSA_FLAG_CMP_16BIT) */
+#define KC_DT 0
+#endif
+#ifndef VC_DT
+#define VC_DT 0
+#endif
 #ifndef DK
 #define DK 64
 #endif
@@ -223,7 +229,7 @@ inline int key_pos(int u, int use_list, __local const int *blist, int BS, int km
     barrier(CLK_LOCAL_MEM_FENCE);                                                             \
   }
 DEFINE_LOAD_KEYS(tile_load_keys, K_DT, V_DT)
-DEFINE_LOAD_KEYS(tile_load_keys_f32, 0, 0)
+DEFINE_LOAD_KEYS(tile_load_keys_cmp, KC_DT, VC_DT)
 
 /* Pairs (row, key) of a tile per work-item: work-item lid takes key lid % K and rows
  * lid / K + i * (THREADS / K), so each key element it reads serves all its rows. */
@@ -305,7 +311,7 @@ inline void dq_walk(tile t, int mode, long f0, long fend, seqspan sp, int h, int
                     int nkeys, int kfirst, int kmax, int use_list, __local const int *blist,
                     __local const uint *bmsk, float scale, int W, int BS, int TQ, int HQ,
                     CTENSOR(Q_DT, q),
-                    CTENSOR(K_DT, k), CTENSOR(V_DT, v), CTENSOR(0, kc), CTENSOR(0, vc),
+                    CTENSOR(K_DT, k), CTENSOR(V_DT, v), CTENSOR(KC_DT, kc), CTENSOR(VC_DT, vc),
                     CTENSOR(DO_DT, dout), CTENSOR(0, lse), __global const float *gate,
                     __global const float *delta, __global float *dq) {
   const int nr = (int)min((long)QROWS, fend - f0);
@@ -316,7 +322,7 @@ inline void dq_walk(tile t, int mode, long f0, long fend, seqspan sp, int h, int
   for (int u0 = 0; u0 < nkeys; u0 += QKEYS) {
     const int nk = min(QKEYS, nkeys - u0);
     if (mode == MODE_CMP)
-      tile_load_keys_f32(t, kfirst + u0, nk, 0, blist, bmsk, BS, kmax, sp.b, sp.c0, h, TPASS(kc),
+      tile_load_keys_cmp(t, kfirst + u0, nk, 0, blist, bmsk, BS, kmax, sp.b, sp.c0, h, TPASS(kc),
                          TPASS(vc));
     else
       tile_load_keys(t, kfirst + u0, nk, use_list, blist, bmsk, BS, kmax, sp.b, sp.t0, h, TPASS(k),
@@ -333,7 +339,7 @@ inline void dq_walk(tile t, int mode, long f0, long fend, seqspan sp, int h, int
  * one sequence and walks the union of their key ranges. */
 inline void dq_contiguous(int mode, __local float *lf, __local int *li, float scale, int W,
                           int BS, CTENSOR(Q_DT, q), CTENSOR(K_DT, k), CTENSOR(V_DT, v),
-                          CTENSOR(0, kc), CTENSOR(0, vc), CTENSOR(DO_DT, dout),
+                          CTENSOR(KC_DT, kc), CTENSOR(VC_DT, vc), CTENSOR(DO_DT, dout),
                           CTENSOR(0, lse), __global const float *gate,
                           __global const float *delta, __global float *dq, SEQ_ARGS) {
   const seqspan sp = seq_span(cu, nseq, TQ, NB, get_group_id(1));
@@ -353,7 +359,7 @@ inline void dq_contiguous(int mode, __local float *lf, __local int *li, float sc
 }
 
 __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void bwd_dq_compressed(
-    CTENSOR(Q_DT, q), CTENSOR(0, kc), CTENSOR(0, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
+    CTENSOR(Q_DT, q), CTENSOR(KC_DT, kc), CTENSOR(VC_DT, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
     __global float *ws, long gate_off, long delta_off, long dq_off, float scale, int BS,
     SEQ_ARGS) {
   __local float lf[TILE_FLOATS(QROWS, QKEYS)];
@@ -450,7 +456,7 @@ inline void dkdv_store(int nk, long base, int h, int H, float scale, __global fl
  * restricted to tokens [chunk * ctok, (chunk + 1) * ctok). Returns the key count. */
 inline int dkdv_contiguous(int mode, int u0, int chunk, int ctok, __local float *lf,
                            __local int *li, float scale, int W, int BS, CTENSOR(Q_DT, q),
-                           CTENSOR(K_DT, k), CTENSOR(V_DT, v), CTENSOR(0, kc), CTENSOR(0, vc),
+                           CTENSOR(K_DT, k), CTENSOR(V_DT, v), CTENSOR(KC_DT, kc), CTENSOR(VC_DT, vc),
                            CTENSOR(DO_DT, dout), CTENSOR(0, lse), __global const float *gate,
                            __global const float *delta, seqspan sp, int h, int G, int TQ,
                            int HQ, float *ak, float *av) {
@@ -468,7 +474,7 @@ inline int dkdv_contiguous(int mode, int u0, int chunk, int ctok, __local float 
   ilast = min(ilast, (long)(chunk + 1) * ctok - 1);
   const tile t = tile_carve(lf, li, KROWS, KKEYS);
   if (mode == MODE_CMP)
-    tile_load_keys_f32(t, u0, nk, 0, li, (__local const uint *)li, BS, nkeys - 1, sp.b, sp.c0, h,
+    tile_load_keys_cmp(t, u0, nk, 0, li, (__local const uint *)li, BS, nkeys - 1, sp.b, sp.c0, h,
                        TPASS(kc), TPASS(vc));
   else
     tile_load_keys(t, u0, nk, 0, li, (__local const uint *)li, BS, nkeys - 1, sp.b, sp.t0, h,
@@ -483,7 +489,7 @@ inline int dkdv_contiguous(int mode, int u0, int chunk, int ctok, __local float 
 /* Partial sums over token chunk gid0 % chunks of KKEYS blocks: [chunks, B*NB, H, D]
  * (bwd_reduce_chunks adds the chunks up in order). */
 __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void bwd_dkdv_compressed(
-    CTENSOR(Q_DT, q), CTENSOR(0, kc), CTENSOR(0, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
+    CTENSOR(Q_DT, q), CTENSOR(KC_DT, kc), CTENSOR(VC_DT, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
     __global float *ws, long gate_off, long delta_off, long dk_off, long dv_off, float scale,
     int chunks, int ctok, int BS, SEQ_ARGS) {
   __local float lf[TILE_FLOATS(KROWS, KKEYS)];

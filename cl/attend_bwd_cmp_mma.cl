@@ -2,8 +2,12 @@
  * kernels bwd_dq_compressed and bwd_dkdv_compressed of cl/attend_bwd.cl with the same
  * arguments, scratch regions, partial-sum layout and outputs. Built after
  * cl/attend_bwd_mma.cl (same program: its fragment helpers mma_dims, pack_a, mma_rows,
- * LD8 and its header's notation), for bf16 q and do only: src/backward.c takes these where
- * the selected pair runs on tensor cores, q is bf16 and the k_cmp/v_cmp rows are aligned.
+ * LD8 and its header's notation). src/backward.c takes these where the selected pair runs
+ * on tensor cores, the k_cmp/v_cmp rows are aligned and either q is bf16 with the
+ * forward's f32 k_cmp/v_cmp (KC_DT = VC_DT = 0), or the forward kept k_cmp/v_cmp in q's
+ * 16-bit dtype (CLNSA_FLAG_CMP_16BIT: KC_DT = VC_DT = MMA_DT, f16 or bf16). In the 16-bit
+ * case (CK_SPLIT = 0) every k_cmp and v_cmp word enters the tensor cores as it is, and the
+ * lo terms below (their staged words, A slots and mma) do not exist.
  *
  * The keys are the forward's f32 k_cmp, v_cmp rows (one per block); each k_cmp value x
  * enters as bf16 hi = bf16(x) and lo = bf16(x - hi), both through the tensor cores (as
@@ -48,7 +52,15 @@
  * DV = 32, G = 3; commit a666f3d), cause not found; the selected pair stays in the form
  * verified on hardware.
  */
-#if MMA_DT == 2
+#ifndef KC_DT /* k_cmp, v_cmp: f32 (0), or MMA_DT with CLNSA_FLAG_CMP_16BIT */
+#define KC_DT 0
+#endif
+#ifndef VC_DT
+#define VC_DT 0
+#endif
+#if (MMA_DT == 2 && KC_DT == 0 && VC_DT == 0) || (KC_DT == MMA_DT && VC_DT == MMA_DT)
+#define CK_SPLIT (KC_DT == 0) /* f32 k_cmp enters as bf16 hi + lo; 16-bit as itself */
+#define KC_TERMS (1 + CK_SPLIT)
 #ifndef CQ_NW
 #define CQ_NW 4 /* bwd_dq_compressed_mma: warps per group, 16 rows each */
 #endif
@@ -57,14 +69,23 @@
 #endif
 #define CQ_KIT ((CKT * (DK / 8) + 32 * CQ_NW - 1) / (32 * CQ_NW)) /* loads a work-item */
 #define CQ_VIT ((CKT * (DV / 8) + 32 * CQ_NW - 1) / (32 * CQ_NW))
-/* r[it] = the 8 floats of unit lid + it 32 CQ_NW of the tile's blocks k0 .. k0 + CKT - 1
- * of tensor t (ld units a row; blocks past kend read the last one), all loads issued
- * before any is used (CQ_BATCH) */
+/* The 8 elements of a 16-byte unit of a staged tile as loaded: two float4 (f32 k_cmp,
+ * v_cmp) or one uint4 (16-bit) */
+#if CK_SPLIT
+#define CQ_RAW float4
+#define CQ_RAWN 2
+#else
+#define CQ_RAW uint4
+#define CQ_RAWN 1
+#endif
+/* r[it] = unit lid + it 32 CQ_NW of the tile's blocks k0 .. k0 + CKT - 1 of tensor t (ld
+ * units a row; blocks past kend read the last one), all loads issued before any is used
+ * (CQ_BATCH) */
 #define CQ_LOADS(r, t, ld)                                                                \
   _Pragma("unroll") for (int it = 0; it < (CKT * (ld) + 32 * CQ_NW - 1) / (32 * CQ_NW); it++) { \
     const int x = min(lid + it * 32 * CQ_NW, CKT * (ld) - 1), j = x / (ld);              \
-    __global const float *p = t + TIDX(t, sp.b, sp.c0 + min(k0 + j, kend - 1), h) + 8 * (x - j * (ld)); \
-    r[it][0] = *(__global const float4 *)p, r[it][1] = *(__global const float4 *)(p + 4); \
+    __global const CQ_RAW *p = (__global const CQ_RAW *)(t + TIDX(t, sp.b, sp.c0 + min(k0 + j, kend - 1), h) + 8 * (x - j * (ld))); \
+    _Pragma("unroll") for (int w = 0; w < CQ_RAWN; w++) r[it][w] = p[w];                 \
   }
 #ifndef CKT
 #define CKT 16 /* bwd_dq_compressed_mma: blocks per staged tile, a multiple of 16 */
@@ -72,8 +93,12 @@
 #ifndef CKV_NW
 #define CKV_NW 1 /* bwd_dkdv_compressed_mma: warps per group, 16 blocks each (host: 2) */
 #endif
-#ifndef CV_SPLIT /* 1: v_cmp enters as bf16 hi + lo like k_cmp; 0: as its bf16 term only */
+#ifndef CV_SPLIT /* 1: f32 v_cmp enters as bf16 hi + lo like k_cmp; 0: as its bf16 term only */
 #define CV_SPLIT 0
+#endif
+#define VC_TERMS (1 + (CK_SPLIT && CV_SPLIT))
+#if !CQ_BATCH && !CK_SPLIT
+#error "attend_bwd_cmp_mma.cl: 16-bit k_cmp stages its tiles with CQ_BATCH"
 #endif
 #if CKT % 16
 #error "attend_bwd_cmp_mma.cl: CKT a multiple of 16"
@@ -142,7 +167,7 @@ inline float dscore(bool visible, float s, float dp, float sl2, float l2, float 
  * kv_afrag), then 2 DKC + 2c, + 1 those of v; the lo words follow in the same order
  * from KV_SLOTS on (v's only with CV_SPLIT). */
 #define KV_SLOTS (2 * (DKC + DVC))
-#define KV_ALL (KV_SLOTS + 2 * DKC + CV_SPLIT * 2 * DVC) /* slots a lane holds */
+#define KV_ALL (KV_SLOTS + (KC_TERMS - 1) * 2 * DKC + (VC_TERMS - 1) * 2 * DVC) /* a lane's slots */
 
 /* dk (ak) and dv (av) of this warp's keys key0 + gid (+ 8) += the 16 rows of one step,
  * staged: rw = the stage's row gid at unit tig (row 8nt + gid, a B column, at rw[8nt RLD8]),
@@ -165,7 +190,7 @@ inline __attribute__((always_inline)) void dkdv_step(float (*ak)[4], float (*av)
   /* each A fragment read once for both row tiles (each tile's sums keep their order:
    * k hi over the chunks, then k lo; v) */
 #pragma unroll
-  for (int x = 0; x < 2; x++) { /* hi, then lo */
+  for (int x = 0; x < KC_TERMS; x++) { /* hi, then lo */
     __local const uint4 *f = frag + x * KV_SLOTS * stride;
 #pragma unroll
     for (int c = 0; c < DKC; c++) {
@@ -179,7 +204,7 @@ inline __attribute__((always_inline)) void dkdv_step(float (*ak)[4], float (*av)
     warp_sync(wx);
   }
 #pragma unroll
-  for (int x = 0; x <= CV_SPLIT; x++) {
+  for (int x = 0; x < VC_TERMS; x++) {
     __local const uint4 *f = frag + (x * KV_SLOTS + 2 * DKC) * stride;
 #pragma unroll
     for (int c = 0; c < DVC; c++) {
@@ -244,6 +269,16 @@ inline __attribute__((always_inline)) void split8_words(__global const float *p,
   split8_regs(a, b, hi, lo);
 }
 
+/* The hi (and with CK_SPLIT lo) terms of a unit loaded by CQ_LOADS, zeros where !ok. */
+inline __attribute__((always_inline)) void cq_terms(const CQ_RAW *r, bool ok, uint4 *hi, uint4 *lo) {
+#if CK_SPLIT
+  split8_regs(ok ? r[0] : (float4)(0.0f), ok ? r[1] : (float4)(0.0f), hi, lo);
+#else
+  *hi = ok ? r[0] : (uint4)(0u);
+  *lo = (uint4)(0u); /* no lo term */
+#endif
+}
+
 /* The same, stored in local memory. */
 inline __attribute__((always_inline)) void split8(__global const float *p, long i, bool ok,
                                                   __local uint4 *hi, __local uint4 *lo) {
@@ -267,10 +302,10 @@ inline int cmp_blocks(long f, long fend, int G, int BS) {
 }
 
 __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_compressed_mma(
-    CTENSOR(Q_DT, q), CTENSOR(0, kc), CTENSOR(0, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
+    CTENSOR(Q_DT, q), CTENSOR(KC_DT, kc), CTENSOR(VC_DT, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
     __global float *ws, long gate_off, long delta_off, long dq_off, float scale, int BS, SEQ_ARGS) {
-  /* the staged tile: hi words of its CKT blocks, then their lo words */
-  __local uint4 kst[2 * CKT * KLD8], vst[(1 + CV_SPLIT) * CKT * VLD8];
+  /* the staged tile: hi words of its CKT blocks, then their lo words (f32 k_cmp) */
+  __local uint4 kst[KC_TERMS * CKT * KLD8], vst[VC_TERMS * CKT * VLD8];
   WARP_SCRATCH(wx);
   const cmp_seq sp = cmp_sequence(cu, nseq, TQ, NB, get_group_id(1));
   const int h = get_group_id(2), G = HQ / H, lid = get_local_id(0);
@@ -303,27 +338,30 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
 #if CQ_BATCH
     /* the tile's loads all in flight before the barrier (rows clamped into the tile, so
      * each address is valid; blocks past it zeroed), then split and stored */
-    float4 kr8[CQ_KIT][2], vr8[CQ_VIT][2];
+    CQ_RAW kr8[CQ_KIT][CQ_RAWN], vr8[CQ_VIT][CQ_RAWN];
     CQ_LOADS(kr8, kc, DK / 8);
     CQ_LOADS(vr8, vc, DV / 8);
     barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile consumed */
 #pragma unroll
     for (int it = 0; it < CQ_KIT; it++) {
       const int x = lid + it * 32 * CQ_NW, j = x / (DK / 8), u = x - j * (DK / 8);
-      const bool ok = k0 + j < kend;
       uint4 hi, lo;
-      split8_regs(ok ? kr8[it][0] : (float4)(0.0f), ok ? kr8[it][1] : (float4)(0.0f), &hi, &lo);
-      if (x < CKT * (DK / 8)) kst[j * KLD8 + u] = hi, kst[(CKT + j) * KLD8 + u] = lo;
+      cq_terms(kr8[it], k0 + j < kend, &hi, &lo);
+      if (x < CKT * (DK / 8)) {
+        kst[j * KLD8 + u] = hi;
+#if CK_SPLIT
+        kst[(CKT + j) * KLD8 + u] = lo;
+#endif
+      }
     }
 #pragma unroll
     for (int it = 0; it < CQ_VIT; it++) {
       const int x = lid + it * 32 * CQ_NW, j = x / (DV / 8), u = x - j * (DV / 8);
-      const bool ok = k0 + j < kend;
       uint4 hi, lo;
-      split8_regs(ok ? vr8[it][0] : (float4)(0.0f), ok ? vr8[it][1] : (float4)(0.0f), &hi, &lo);
+      cq_terms(vr8[it], k0 + j < kend, &hi, &lo);
       if (x < CKT * (DV / 8)) {
         vst[j * VLD8 + u] = hi;
-#if CV_SPLIT
+#if VC_TERMS == 2
         vst[(CKT + j) * VLD8 + u] = lo;
 #endif
       }
@@ -361,12 +399,14 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
 #pragma unroll
       for (int c = 0; c < DKC; c++) {
         mma_dims(s[nt], qf[c][0], qf[c][1], kr[4 * c], wx);
+#if CK_SPLIT
         mma_dims(s[nt], qf[c][0], qf[c][1], kr[CKT * KLD8 + 4 * c], wx);
+#endif
       }
 #pragma unroll
       for (int c = 0; c < DVC; c++) {
         mma_dims(dp[nt], dof[c][0], dof[c][1], vr[4 * c], wx);
-#if CV_SPLIT
+#if VC_TERMS == 2
         mma_dims(dp[nt], dof[c][0], dof[c][1], vr[CKT * VLD8 + 4 * c], wx);
 #endif
       }
@@ -386,7 +426,7 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
     for (int ks = 0; ks < CKT / 16; ks++) {
       const afrag a = pack_a(s[2 * ks], s[2 * ks + 1]);
 #pragma unroll
-      for (int x = 0; x < 2; x++) {
+      for (int x = 0; x < KC_TERMS; x++) {
         __local const uint4 *kr = kst + (x * CKT + 16 * ks + gid) * KLD8 + tig;
 #pragma unroll
         for (int c = 0; c < DKC; c++) mma_rows(acc + 4 * c, a, kr[4 * c], kr[8 * KLD8 + 4 * c], wx);
@@ -459,7 +499,7 @@ inline __attribute__((always_inline)) uint4 kv_stage(__local uint4 *rows, bool c
  * (dkdv_step; rows before a warp's blocks see none of them: lim masks them), each step's
  * rows staged once for the group by cp.async one step ahead (two stages the warps share). */
 __kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_compressed_mma(
-    CTENSOR(Q_DT, q), CTENSOR(0, kc), CTENSOR(0, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
+    CTENSOR(Q_DT, q), CTENSOR(KC_DT, kc), CTENSOR(VC_DT, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
     __global float *ws, long gate_off, long delta_off, long dk_off, long dv_off, float scale,
     int chunks, int ctok, int BS, SEQ_ARGS) {
   __local uint4 kvl[KV_ALL * 32 * CKV_NW] __attribute__((aligned(16)));
@@ -488,24 +528,36 @@ __kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_
   for (int x = 0; x < DKC; x++) {
     uint4 hi[2], lo[2];
 #pragma unroll
-    for (int rh = 0; rh < 2; rh++)
+    for (int rh = 0; rh < 2; rh++) {
+#if CK_SPLIT
       split8_words(kc, TIDX(kc, sp.b, kr[rh], h) + 32 * x + 8 * tig, kok[rh], &hi[rh], &lo[rh]);
+#else
+      hi[rh] = LD8(kc, TIDX(kc, sp.b, kr[rh], h) + 32 * x + 8 * tig, kok[rh]);
+#endif
+    }
 #pragma unroll
     for (int w = 0; w < 2; w++) {
       kvl[(2 * x + w) * S + lid] = kv_afrag(hi[0], hi[1], w);
+#if CK_SPLIT
       kvl[(KV_SLOTS + 2 * x + w) * S + lid] = kv_afrag(lo[0], lo[1], w);
+#endif
     }
   }
 #pragma unroll
   for (int x = 0; x < DVC; x++) {
-    uint4 hi[2], lo[2]; /* lo only with CV_SPLIT */
+    uint4 hi[2], lo[2]; /* lo only with VC_TERMS == 2 */
 #pragma unroll
-    for (int rh = 0; rh < 2; rh++)
+    for (int rh = 0; rh < 2; rh++) {
+#if CK_SPLIT
       split8_words(vc, TIDX(vc, sp.b, kr[rh], h) + 32 * x + 8 * tig, kok[rh], &hi[rh], &lo[rh]);
+#else
+      hi[rh] = LD8(vc, TIDX(vc, sp.b, kr[rh], h) + 32 * x + 8 * tig, kok[rh]);
+#endif
+    }
 #pragma unroll
     for (int w = 0; w < 2; w++) {
       kvl[(2 * DKC + 2 * x + w) * S + lid] = kv_afrag(hi[0], hi[1], w);
-#if CV_SPLIT
+#if VC_TERMS == 2
       kvl[(KV_SLOTS + 2 * DKC + 2 * x + w) * S + lid] = kv_afrag(lo[0], lo[1], w);
 #endif
     }
@@ -547,4 +599,4 @@ __kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_
   const long base = (long)chunk * B * NB + (long)se.b * NB + se.c0 + kw;
   dkdv_write(ws + dk_off, ws + dv_off, base * H + h, H, kw, se.nb, scale, ak, av);
 }
-#endif /* MMA_DT == 2 */
+#endif /* bf16 with f32 k_cmp, or k_cmp in MMA_DT */

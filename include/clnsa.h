@@ -192,6 +192,19 @@ typedef struct clnsa_paged_kv {
  * block importance differently. */
 #define CLNSA_FLAG_TF32 (1u << 0)
 
+/* CLNSA_FLAG_CMP_16BIT: clnsa_forward (and the clnsa_backward that reads its workspace)
+ * stores the pooled k_cmp in the dtype of k and v_cmp in that of v, each block mean
+ * rounded to nearest, instead of in f32, as fla-org's and mdy666's NSA kernels do. With
+ * f16 or bf16 k and v this halves the bytes of the pooled keys, and on the tensor-core
+ * path the compressed branch, top-k and the compressed backward then take k_cmp as one
+ * 16-bit operand instead of splitting an f32 value into two bf16 terms (bf16 q), or run
+ * at all (f16 q: an f32 k_cmp keeps the portable kernels). The rounding is part of the
+ * function computed, on every device alike: scores move by about 2^-9 (bf16) or 2^-12
+ * (f16) of |q||k_cmp|, which can decide near-ties of block importance differently (the
+ * tests compare against a float64 reference of the rounded k_cmp); gradients pass the
+ * rounding as if it were the identity. No effect with f32 k and v. */
+#define CLNSA_FLAG_CMP_16BIT (1u << 1)
+
 #define CLNSA_MAX_HEAD_DIM 256
 #define CLNSA_MAX_BLOCK_COUNT 128
 

@@ -235,7 +235,8 @@ static clnsa_status check_grads(clnsa_context *ctx, const nsa_dims *d, const cln
 static bool same_dims(const nsa_dims *a, const nsa_dims *b) {
   return a->B == b->B && a->TQ == b->TQ && a->TK == b->TK && a->HQ == b->HQ && a->H == b->H &&
          a->DK == b->DK && a->DV == b->DV && a->BS == b->BS && a->S == b->S && a->W == b->W &&
-         a->NB == b->NB && a->scale == b->scale && a->seqs == b->seqs;
+         a->NB == b->NB && a->scale == b->scale && a->seqs == b->seqs && a->kc_dt == b->kc_dt &&
+         a->vc_dt == b->vc_dt;
 }
 
 static clnsa_status check_workspace(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
@@ -375,30 +376,36 @@ static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool 
 }
 
 /* Local bytes a warp of bwd_dkdv_compressed_mma holds alone (its part of kvl): the A
- * fragment slots of its 16 blocks, KV_ALL 16-byte slots a lane. */
-static size_t cmp_dkdv_warp_bytes(const nsa_dims *d) {
+ * fragment slots of its 16 blocks, KV_ALL 16-byte slots a lane (the lo terms only where
+ * f32 k_cmp is split). */
+static size_t cmp_dkdv_warp_bytes(const nsa_dims *d, bool split) {
   const size_t dkc = (size_t)d->DK / 32, dvc = (size_t)d->DV / 32;
-  const size_t cv_split = tuning_env_int("CV_SPLIT", 0, 0) ? 1 : 0;
-  const size_t slots = 2 * (dkc + dvc) + 2 * dkc + cv_split * 2 * dvc; /* KV_ALL */
+  const size_t cv_split = split && tuning_env_int("CV_SPLIT", 0, 0) ? 1 : 0;
+  const size_t slots = 2 * (dkc + dvc) + (split ? 2 * dkc : 0) + cv_split * 2 * dvc; /* KV_ALL */
   return 16 * 32 * slots;
 }
 
 /* Tensor-core compressed kernels (cl/attend_bwd_cmp_mma.cl): k_cmp and v_cmp are the forward's
  * f32 rows, split into bf16 hi + lo on the tensor cores, so q and do must be bf16 (an f16
- * split would lose small values to f16's range: f16 q runs the portable kernels). dq: 4
+ * split would lose small values to f16's range: f16 q with f32 k_cmp runs the portable
+ * kernels); or, with CLNSA_FLAG_CMP_16BIT, rows in q's own 16-bit dtype, taken as they
+ * are (no lo terms: half the staged bytes). dq: 4
  * warps of 16 rows share a staged tile of CKT blocks (hi and lo, 64-byte padded rows);
  * dk/dv: a warp owns 16 blocks whose hi/lo A fragments wait in local memory (12 KiB a
  * warp at DK = DV = 128), next to the group's two stages of its steps' rows (cp.async,
  * 18.5 KiB): BWD_CKV_NW warps, 2 by default, lowered here until the group fits. */
 static bool bwd_mma_cmp_configure(const clnsa_context *ctx, const nsa_dims *d,
                                   const clnsa_inputs *in, bwd_plan *p) {
-  if (!p->mma || !p->cmp || in->q->dtype != CLNSA_BF16 || p->k_cmp.dtype != CLNSA_F32 ||
-      p->v_cmp.dtype != CLNSA_F32 || !tensor_rows_aligned16(&p->k_cmp, d->DK) ||
+  const bool split =
+      in->q->dtype == CLNSA_BF16 && p->k_cmp.dtype == CLNSA_F32 && p->v_cmp.dtype == CLNSA_F32;
+  const bool native = p->k_cmp.dtype == in->q->dtype && p->v_cmp.dtype == in->q->dtype;
+  if (!p->mma || !p->cmp || !(split || native) || !tensor_rows_aligned16(&p->k_cmp, d->DK) ||
       !tensor_rows_aligned16(&p->v_cmp, d->DV))
     return false;
   const size_t scratch = p->mma_emulated ? 4 * 32 * 6 : 0, room = ctx->info.local_mem - 1024;
-  const size_t dq_bytes = 2 * (size_t)p->ckt * 16 * (size_t)(d->DK / 8 + 4 + d->DV / 8 + 4);
-  const size_t per_warp = cmp_dkdv_warp_bytes(d), stages = dkdv_stage_bytes(d);
+  const size_t terms = split ? 2 : 1; /* the dq's staged k (and v with CV_SPLIT) terms */
+  const size_t dq_bytes = terms * (size_t)p->ckt * 16 * (size_t)(d->DK / 8 + 4 + d->DV / 8 + 4);
+  const size_t per_warp = cmp_dkdv_warp_bytes(d, split), stages = dkdv_stage_bytes(d);
   while (p->ckv_nw > 1 && stages + per_warp * p->ckv_nw + scratch > room) p->ckv_nw--;
   return ctx->info.local_mem > 1024 && (size_t)(32 * p->cq_nw) <= ctx->info.max_wg &&
          (size_t)(32 * p->ckv_nw) <= ctx->info.max_wg && dq_bytes + scratch <= room &&
@@ -422,6 +429,7 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
   options_add_dtype(&o, "K", in->k);
   options_add_dtype(&o, "V", in->v);
   options_add_dtype(&o, "DO", p->d_o);
+  options_add(&o, " -DKC_DT=%d -DVC_DT=%d", (int)p->k_cmp.dtype, (int)p->v_cmp.dtype);
   /* The portable selected dq packs DQ_TPG tokens into a group where their G heads fill
    * fewer than QROWS rows (each row masked to its own token's blocks of the union): with
    * one token a group, G = 1 left 15 of 16 rows idle and every group loaded its 1024 keys
@@ -460,6 +468,7 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
     options_add_dtype(&ot, "K", in->k);
     options_add_dtype(&ot, "V", in->v);
     options_add_dtype(&ot, "DO", p->d_o);
+    options_add(&ot, " -DKC_DT=%d -DVC_DT=%d", (int)p->k_cmp.dtype, (int)p->v_cmp.dtype);
     tuning_env_override(&ot); /* kernel-only defines (KT, CKT, CV_SPLIT) for experiments */
     const char *file = "warp_ops.cl+bwd_mask.cl+attend_bwd_mma.cl+attend_bwd_cmp_mma.cl";
     CHECK_STATUS(program_kernel(ctx, file, ot.text,

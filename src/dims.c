@@ -32,13 +32,14 @@ clnsa_status dims_params(clnsa_context *ctx, const clnsa_params *p, nsa_dims *d)
     return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED, "learned compression is not implemented yet");
   if (p->paged_kv)
     return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED, "paged key/value caches are not implemented yet");
-  if (p->flags & ~CLNSA_FLAG_TF32)
+  if (p->flags & ~(CLNSA_FLAG_TF32 | CLNSA_FLAG_CMP_16BIT))
     return clnsa_fail(ctx, CLNSA_ERR_INVALID_ARGUMENT, "unknown flags 0x%x", p->flags);
   d->BS = p->block_size;
   d->S = p->block_count;
   d->W = p->window;
   d->scale = p->scale;
   d->tf32 = (p->flags & CLNSA_FLAG_TF32) != 0;
+  d->cmp16 = (p->flags & CLNSA_FLAG_CMP_16BIT) != 0;
   return CLNSA_SUCCESS;
 }
 

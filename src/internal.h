@@ -136,6 +136,10 @@ typedef struct nsa_dims {
   int NB;          /* compressed rows per batch element (packed total with seqs) */
   float scale;
   bool tf32;       /* CLNSA_FLAG_TF32: f32 attention may run on tf32 matrix units */
+  bool cmp16;      /* CLNSA_FLAG_CMP_16BIT */
+  /* dtypes of the whole forward's k_cmp, v_cmp (inputs_validate): f32, or with cmp16
+   * those of k and v */
+  clnsa_dtype kc_dt, vc_dt;
   const clnsa_seqs *seqs;
 } nsa_dims;
 

@@ -7,7 +7,7 @@
  * enqueues nothing, so a build or tuning failure leaves every buffer untouched.
  *
  * Workspace layout (byte offsets from the workspace start, each rounded up to 256; all
- * f32 except the indices):
+ * f32 except the indices, and k_cmp, v_cmp in the dtypes of k, v with CLNSA_FLAG_CMP_16BIT):
  *   k_cmp [B,NB,H,DK]  v_cmp [B,NB,H,DV]  o_cmp [B,TQ,HQ,DV]  lse_cmp [B,TQ,HQ]
  *   block_indices i32 [B,TQ,H,S]  o_slc [B,TQ,HQ,DV]  lse_slc [B,TQ,HQ]
  *   o_swa [B,TQ,HQ,DV]  lse_swa [B,TQ,HQ]     (the last two only when W > 0 and g_swa)
@@ -44,12 +44,17 @@ size_t ws_reserve(size_t *at, size_t elems) {
   return off;
 }
 
+/* A region of `elems` elements of dtype dt (4 or 2 bytes). */
+static size_t ws_reserve_dt(size_t *at, size_t elems, clnsa_dtype dt) {
+  return ws_reserve(at, clnsa_dtype_size(dt) == 2 ? (elems + 1) / 2 : elems);
+}
+
 static void workspace_layout(const nsa_dims *d, bool window, ws_layout *l) {
   const size_t rows = count4(d->B, d->TQ, d->HQ, 1);
   size_t at = 0;
   memset(l, 0, sizeof *l);
-  l->k_cmp = ws_reserve(&at, count4(d->B, d->NB, d->H, d->DK));
-  l->v_cmp = ws_reserve(&at, count4(d->B, d->NB, d->H, d->DV));
+  l->k_cmp = ws_reserve_dt(&at, count4(d->B, d->NB, d->H, d->DK), d->kc_dt);
+  l->v_cmp = ws_reserve_dt(&at, count4(d->B, d->NB, d->H, d->DV), d->vc_dt);
   l->o_cmp = ws_reserve(&at, rows * (size_t)d->DV);
   l->lse_cmp = ws_reserve(&at, rows);
   l->block_indices = ws_reserve(&at, count4(d->B, d->TQ, d->H, d->S));
@@ -63,10 +68,11 @@ static void workspace_layout(const nsa_dims *d, bool window, ws_layout *l) {
   l->scratch = align_up(at);
 }
 
-/* A contiguous view of a workspace region. */
+/* A contiguous view of a workspace region (its start is a multiple of 4 bytes). */
 static clnsa_tensor ws_view(const clnsa_workspace *ws, size_t byte_off, clnsa_dtype dt, int ndim,
                             const int64_t *shape) {
-  return clnsa_tensor_make(ws->buffer, (ws->offset + byte_off) / 4, dt, ndim, shape);
+  return clnsa_tensor_make(ws->buffer, (ws->offset + byte_off) / clnsa_dtype_size(dt), dt, ndim,
+                           shape);
 }
 
 /* ---- validation shared by the size queries and the forward ---- */
@@ -80,6 +86,8 @@ clnsa_status inputs_validate(clnsa_context *ctx, const clnsa_params *params, con
   CHECK_STATUS(dims_check_rows(ctx, d, in->g_cmp, "g_cmp"));
   CHECK_STATUS(dims_check_rows(ctx, d, in->g_slc, "g_slc"));
   CHECK_STATUS(dims_check_rows(ctx, d, in->g_swa, "g_swa"));
+  d->kc_dt = d->cmp16 ? in->k->dtype : CLNSA_F32;
+  d->vc_dt = d->cmp16 ? in->v->dtype : CLNSA_F32;
   int64_t si[4], sc[3];
   dims_shape_idx(d, si);
   dims_shape_counts(d, sc);
@@ -196,8 +204,8 @@ void workspace_views(const clnsa_workspace *ws, const nsa_dims *d, const ws_layo
   dims_shape_o(d, so);
   dims_shape_rows(d, sr);
   dims_shape_idx(d, si);
-  v->k_cmp = ws_view(ws, l->k_cmp, CLNSA_F32, 4, skc);
-  v->v_cmp = ws_view(ws, l->v_cmp, CLNSA_F32, 4, svc);
+  v->k_cmp = ws_view(ws, l->k_cmp, d->kc_dt, 4, skc);
+  v->v_cmp = ws_view(ws, l->v_cmp, d->vc_dt, 4, svc);
   v->o_cmp = ws_view(ws, l->o_cmp, CLNSA_F32, 4, so);
   v->lse_cmp = ws_view(ws, l->lse_cmp, CLNSA_F32, 3, sr);
   v->idx = ws_view(ws, l->block_indices, CLNSA_I32, 4, si);

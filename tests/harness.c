@@ -127,6 +127,13 @@ double round_to_dtype(double x, clnsa_dtype dtype) {
   }
 }
 
+static double round_f16(double x) { return round_to_dtype(x, CLNSA_F16); }
+static double round_bf16(double x) { return round_to_dtype(x, CLNSA_BF16); }
+
+double (*dtype_rounder(clnsa_dtype dtype))(double) {
+  return dtype == CLNSA_F16 ? round_f16 : dtype == CLNSA_BF16 ? round_bf16 : NULL;
+}
+
 double dtype_tolerance(clnsa_dtype dtype) {
   return dtype == CLNSA_F32 ? 1e-5 : dtype == CLNSA_F16 ? 5e-3 : 2e-2;
 }

@@ -61,5 +61,8 @@ double rel_error(const double *a, const double *b, size_t n);
 double dtype_tolerance(clnsa_dtype dtype);
 const char *dtype_label(clnsa_dtype dtype);
 double round_to_dtype(double x, clnsa_dtype dtype);
+/* round_to_dtype(., dtype) as a function for ref_shape's round_k_cmp / round_v_cmp: NULL
+ * for f32 (CLNSA_FLAG_CMP_16BIT leaves f32 pooling as it is). */
+double (*dtype_rounder(clnsa_dtype dtype))(double);
 
 #endif

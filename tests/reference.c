@@ -110,11 +110,13 @@ void ref_pool(const ref_shape *s, const double *k, const double *v,
           double acc = 0.0;
           for (int j = lo; j < hi; j++) acc += k[((size_t)(g.k0 + j) * H + h) * DK + d];
           kc[d] = acc / (hi - lo); /* true length: the last block may be short */
+          if (s->round_k_cmp) kc[d] = s->round_k_cmp(kc[d]);
         }
         for (int d = 0; d < DV; d++) {
           double acc = 0.0;
           for (int j = lo; j < hi; j++) acc += v[((size_t)(g.k0 + j) * H + h) * DV + d];
           vc[d] = acc / (hi - lo);
+          if (s->round_v_cmp) vc[d] = s->round_v_cmp(vc[d]);
         }
       }
     }

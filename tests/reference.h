@@ -17,13 +17,17 @@ typedef struct ref_shape {
   int W;                           /* window, 0 = off */
   double scale;                    /* already resolved (caller passes 1/sqrt(DK) if default) */
   const int *block_counts;         /* NULL, or [B][TQ][H] per-query counts in [0, S] */
+  /* NULL, or the rounding of each pooled k_cmp / v_cmp value to its storage dtype
+   * (CLNSA_FLAG_CMP_16BIT); gradients pass it as the identity */
+  double (*round_k_cmp)(double), (*round_v_cmp)(double);
 } ref_shape;
 
 /* Compressed rows per batch element: ceil(TK/BS), or with varlen the sum over
  * sequences of ceil(TKs/BS) (sequence s's rows are packed back to back). */
 int ref_num_cmp(const ref_shape *s);
 
-/* Mean pooling of each block of BS tokens (the last block may be shorter). */
+/* Mean pooling of each block of BS tokens (the last block may be shorter), each mean then
+ * rounded by s->round_k_cmp / round_v_cmp where set. */
 void ref_pool(const ref_shape *s, const double *k, const double *v,
               double *k_cmp, double *v_cmp);
 

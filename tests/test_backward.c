@@ -40,6 +40,7 @@ typedef struct bcase {
   bool caller_idx, padded;
   clnsa_dtype dt; /* every floating tensor */
   int tq;         /* > 0: only the last tq tokens are queries (no backward) */
+  bool cmp16;     /* CLNSA_FLAG_CMP_16BIT: the forward keeps k_cmp, v_cmp in dt */
 } bcase;
 
 static clnsa_context *ctx;
@@ -106,6 +107,10 @@ static void make_problem(problem *pb, const bcase *bc, int *idx, rng *r) {
   const ref_shape *s = &pb->s;
   pb->p = clnsa_params_default();
   pb->p.block_size = s->BS, pb->p.block_count = s->S, pb->p.window = s->W;
+  if (bc->cmp16) { /* the reference pools into the same rounded values */
+    pb->p.flags |= CLNSA_FLAG_CMP_16BIT;
+    pb->s.round_k_cmp = pb->s.round_v_cmp = dtype_rounder(bc->dt);
+  }
   if (!idx && bc->caller_idx) idx = random_indices(s, r);
   const clnsa_dtype dt = bc->dt;
   const size_t nq = (size_t)s->B * s->TQ * s->HQ, nk = (size_t)s->B * s->TK * s->H;
@@ -247,11 +252,11 @@ static unsigned char *gradient_bytes(problem *pb, size_t *n) {
 
 static void print_case(const problem *pb, const bcase *bc) {
   const ref_shape *s = &pb->s;
-  printf("# B=%d T=%d H=%d G=%d DK=%d DV=%d BS=%d S=%d W=%d nseq=%d gates=%c%c%c%s %s%s\n",
+  printf("# B=%d T=%d H=%d G=%d DK=%d DV=%d BS=%d S=%d W=%d nseq=%d gates=%c%c%c%s %s%s%s\n",
          s->B, s->TQ, s->H, bc->G, s->DK, s->DV, s->BS, s->S, s->W, s->nseq,
          bc->gates & G_CMP ? 'c' : '-', bc->gates & G_SLC ? 's' : '-',
          bc->gates & G_SWA ? 'w' : '-', pb->idx ? " caller-indices" : "", dtype_label(bc->dt),
-         bc->padded ? " padded" : "");
+         bc->padded ? " padded" : "", bc->cmp16 ? " cmp16" : "");
 }
 
 static void run_case(const bcase *bc, rng *r) {
@@ -414,6 +419,10 @@ static void test_backward_tensor_cores(void **state) {
       {1, 40, 2, 4, 4, 5, 0, 0, {0}, G_SLC, true, false, CLNSA_F16, 0},
       {1, 48, 1, 8, 3, 3, 0, 0, {0}, G_SLC, true, false, CLNSA_BF16, 0},
       {1, 130, 1, 16, 5, 2, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_BF16, 0},
+      /* CLNSA_FLAG_CMP_16BIT: k_cmp, v_cmp in q's dtype, taken as they are by the
+       * compressed dq and dk/dv (no hi/lo split; f16 reaches those kernels only this way) */
+      {1, 70, 2, 16, 3, 3, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_BF16, 0, true},
+      {1, 50, 1, 3, 4, 3, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_F16, 0, true},
   };
   tolerance_cap = 1e-2;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], &r);
@@ -498,6 +507,22 @@ static void test_errors(void **state) {
 }
 
 /* A forward whose queries are only the last tokens (TQ < TK) has no backward. */
+/* A forward with CLNSA_FLAG_CMP_16BIT keeps 16-bit k_cmp, v_cmp in the workspace: a
+ * backward asked without the flag must refuse it (and one with it succeed). */
+static void test_cmp16_mismatch(void **state) {
+  (void)state;
+  rng r = {harness_seed("backward cmp16 mismatch")};
+  const bcase bc = {1, 20, 1, 2, 0, 2, 0, 0, {0}, G_CMP, false, false, CLNSA_BF16, 0, true};
+  problem pb;
+  make_problem(&pb, &bc, NULL, &r);
+  run_forward(&pb);
+  pb.p.flags = 0;
+  expect_refused(&pb, &pb.tdo.t, &pb.grads, CLNSA_ERR_WORKSPACE);
+  pb.p.flags = CLNSA_FLAG_CMP_16BIT;
+  assert_int_equal(run_backward(&pb), CLNSA_SUCCESS);
+  free_problem(&pb);
+}
+
 static void test_no_backward(void **state) {
   (void)state;
   rng r = {harness_seed("no backward")};
@@ -528,7 +553,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_backward_fixed),   cmocka_unit_test(test_backward_random),
       cmocka_unit_test(test_unselected_block), cmocka_unit_test(test_block_selected_by_all),
       cmocka_unit_test(test_errors),           cmocka_unit_test(test_no_backward),
-      cmocka_unit_test(test_backward_tensor_cores),
+      cmocka_unit_test(test_cmp16_mismatch),   cmocka_unit_test(test_backward_tensor_cores),
   };
   int rc = cmocka_run_group_tests(tests, NULL, NULL);
   clock_gettime(CLOCK_MONOTONIC, &t1);

@@ -224,7 +224,7 @@ static double now(void) {
   return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-/* One forward with params.flags = flags (0, or CLNSA_FLAG_TF32). */
+/* One forward with params.flags = flags (0, CLNSA_FLAG_TF32 or CLNSA_FLAG_CMP_16BIT). */
 static void run_case(const fcase *fc, unsigned flags, rng *r) {
   const double t0 = now();
   const shape_class *sc = &classes[fc->cls];
@@ -242,6 +242,11 @@ static void run_case(const fcase *fc, unsigned flags, rng *r) {
   const clnsa_dtype dq = fc->mixed ? CLNSA_F16 : fc->dt, dk = fc->mixed ? CLNSA_BF16 : fc->dt,
                     dv = fc->mixed ? CLNSA_F32 : fc->dt, dg = fc->mixed ? CLNSA_F32 : fc->dt,
                     dout = fc->mixed ? CLNSA_BF16 : fc->dt;
+  const bool cmp16 = (flags & CLNSA_FLAG_CMP_16BIT) != 0;
+  if (cmp16) { /* the reference pools into the same rounded values */
+    s.round_k_cmp = dtype_rounder(dk);
+    s.round_v_cmp = dtype_rounder(dv);
+  }
 
   const size_t nq = (size_t)s.B * s.TQ * s.HQ, nk = (size_t)s.B * s.TK * s.H;
   const size_t nidx = (size_t)s.B * s.TQ * s.H * s.S, ncnt = (size_t)s.B * s.TQ * s.H;
@@ -297,6 +302,13 @@ static void run_case(const fcase *fc, unsigned flags, rng *r) {
   assert_int_equal(clnsa_forward_workspace_size(ctx, &p, &in, &need), CLNSA_SUCCESS);
   assert_int_equal(clnsa_backward_workspace_size(ctx, &p, &in, &need_bwd), CLNSA_SUCCESS);
   assert_true(need_bwd >= need);
+  if (cmp16) { /* the 16-bit k_cmp (and v_cmp) regions are half their f32 size */
+    clnsa_params p32 = p;
+    p32.flags &= ~CLNSA_FLAG_CMP_16BIT;
+    size_t need32 = 0;
+    assert_int_equal(clnsa_forward_workspace_size(ctx, &p32, &in, &need32), CLNSA_SUCCESS);
+    if (dk != CLNSA_F32 || dv != CLNSA_F32) assert_true(need < need32);
+  }
   const size_t off = 256 * (size_t)rng_int(r, 0, 3) + (fc->misalign ? 4 : 0);
   prepare_arena(off + need + 64);
   clnsa_workspace *ws = NULL;
@@ -346,7 +358,10 @@ static void run_case(const fcase *fc, unsigned flags, rng *r) {
     tv_idx.t = view;
     tv_idx.count = nidx;
     int *dev_idx = dev_download_int(ctx, &tv_idx);
-    ties = compare_indices(&s, q, &sv, dev_idx, tf32 ? 1e-2 : 1e-4);
+    /* cmp16: the device rounds its f32 block mean, the reference its f64 one, so an
+     * element within f32 rounding of a 16-bit rounding midpoint can land one 16-bit ulp
+     * (2^-8 relative for bf16) apart: a score then moves by ~1e-4, hence 1e-3 for ties */
+    ties = compare_indices(&s, q, &sv, dev_idx, tf32 ? 1e-2 : cmp16 ? 1e-3 : 1e-4);
     if (ties < 0) fail_msg("block indices differ from the reference");
     if (ties > 0) { /* near-tie: the device's (equally valid) choice defines the reference */
       rin.block_indices = dev_idx;
@@ -359,7 +374,7 @@ static void run_case(const fcase *fc, unsigned flags, rng *r) {
   double e = rel_error(dev_download(ctx, &to), ref, nq * s.DV);
   printf(
       "# B=%d TQ=%d TK=%d H=%d G=%d DK=%d DV=%d BS=%d S=%d W=%d nseq=%d gates=%c%c%c%s%s "
-      "%s%s%s%s: o %.2e%s (%.1f s)\n",
+      "%s%s%s%s%s: o %.2e%s (%.1f s)\n",
       s.B, s.TQ, s.TK, s.H, fc->G, s.DK, s.DV, s.BS, s.S, s.W, s.nseq,
       fc->gates & G_CMP ? 'c' : '-', fc->gates & G_SLC ? 's' : '-', fc->gates & G_SWA ? 'w' : '-',
       idx ? " caller-indices" : "", cnt ? " counts" : "", fc->mixed ? "mixed" : dtype_label(fc->dt),
@@ -367,7 +382,7 @@ static void run_case(const fcase *fc, unsigned flags, rng *r) {
       tf32                      ? " tf32"
       : flags & CLNSA_FLAG_TF32 ? " tf32-flag exact"
                                 : "",
-      e, ties ? " (index ties)" : "", now() - t0);
+      cmp16 ? " cmp16" : "", e, ties ? " (index ties)" : "", now() - t0);
   /* TF32: the semantics' 1e-2 for tf32 matrix units, and an error above the exact path's
    * 1e-5 (v alone is rounded by ~1e-4) shows that the TF32 kernels ran */
   assert_true(e < (tf32 ? 1e-2 : dtype_tolerance(dout)));
@@ -542,6 +557,32 @@ static void test_forward_kvm(void **state) {
     run_case(&kvm_cases[i], 0, &r);
 }
 
+/* CLNSA_FLAG_CMP_16BIT: the forward keeps k_cmp, v_cmp in the dtypes of k, v (the
+ * reference rounds its pooled means the same way). With D in 32-wide chunks the
+ * tensor-core compressed attention and top-k take the 16-bit k_cmp as it is (`test_forward
+ * tensor-cores`): bf16 with G = 16, f16 with G = 3 (whose f32 k_cmp has no tensor-core
+ * path), varlen; and the mixed dtypes (k_cmp bf16, v_cmp f32) on the portable kernels. */
+/* clang-format off */
+static const fcase cmp16_cases[] = {
+    /* B TQ  TK  H  G cls S  W  nseq cu_q cu_k gates caller counts padded dtype mixed misalign */
+    {1, 100, 100, 1, 16, 4, 3, 0, 0, {0}, {0}, G_ALL, false, false, false, CLNSA_BF16, false,
+     false},
+    {2, 70, 70, 2, 3, 4, 4, 16, 0, {0}, {0}, G_SLC | G_CMP, false, true, false, CLNSA_F16, false,
+     false},
+    {1, 0, 0, 1, 4, 4, 3, 0, 4, {0, 50, 50, 51, 130}, {0}, G_ALL, false, false, false,
+     CLNSA_BF16, false, false},
+    {2, 19, 26, 1, 3, 0, 3, 5, 0, {0}, {0}, G_ALL, false, true, true, CLNSA_F32, true, false},
+};
+/* clang-format on */
+
+static void test_forward_cmp16(void **state) {
+  (void)state;
+  rng r = {harness_seed("forward cmp16")};
+  printf("# tensor-core path: %d\n", (int)clnsa_context_tensor_cores(ctx));
+  for (size_t i = 0; i < sizeof cmp16_cases / sizeof cmp16_cases[0]; i++)
+    run_case(&cmp16_cases[i], CLNSA_FLAG_CMP_16BIT, &r);
+}
+
 /* The stages of one forward must be ordered by events alone: the same cases on an
  * out-of-order queue. */
 static void test_forward_out_of_order(void **state) {
@@ -576,10 +617,13 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_forward_out_of_order),
       cmocka_unit_test(test_forward_tf32),
       cmocka_unit_test(test_forward_kvm),
+      cmocka_unit_test(test_forward_cmp16),
   };
-  /* `test_forward tensor-cores`: the TF32 and kv-block-major cases, on the tensor-core path */
+  /* `test_forward tensor-cores`: the TF32, kv-block-major and 16-bit k_cmp cases, on the
+   * tensor-core path */
   const struct CMUnitTest tc_only[] = {cmocka_unit_test(test_forward_tf32),
-                                       cmocka_unit_test(test_forward_kvm)};
+                                       cmocka_unit_test(test_forward_kvm),
+                                       cmocka_unit_test(test_forward_cmp16)};
   const bool tc = harness_tensor_cores_mode(ctx, argc, argv);
   if (tc) harness_tune_append("KVM_MAX_G=4"); /* kv-block-major for G 3, 4 too (default <= 2) */
   int rc = tc ? cmocka_run_group_tests(tc_only, NULL, NULL) : cmocka_run_group_tests(tests, NULL, NULL);

@@ -82,6 +82,9 @@ void usage_bench(FILE *f) {
           "                      the first GPU, then the first device; see `clnsa devices`)\n"
           "  --tf32              f32 runs with CLNSA_FLAG_TF32 (tensor cores where the\n"
           "                      device has them; dtype column \"tf32\")\n"
+          "  --cmp16             f16/bf16 runs with CLNSA_FLAG_CMP_16BIT (k_cmp, v_cmp in\n"
+          "                      the input dtype, as fla-org and mdy666 keep them; dtype\n"
+          "                      column \"bf16c\", \"f16c\")\n"
           "  --quiet             no progress on stderr\n"
           "Lists are comma-separated: --seq 1024,2048 --dtype f32,bf16 --group 1,4,16.\n");
 }
@@ -97,7 +100,7 @@ typedef struct bench_options {
   int batch, heads, dim, block_size, block_count, window;
   int repeat, warmup, sets, flush_mb, dense_max_seq, seed;
   unsigned stages; /* bit (1u << stage_id) per stage asked for */
-  bool stages_given, quiet, tf32;
+  bool stages_given, quiet, tf32, cmp16;
   const char *json, *device;
 } bench_options;
 
@@ -234,6 +237,7 @@ static int parse_options(int argc, char **argv, bench_options *o) {
       {"device", OPT_STRING, &o->device, NULL, 0, 0},
       {"quiet", OPT_FLAG, &o->quiet, NULL, 0, 0},
       {"tf32", OPT_FLAG, &o->tf32, NULL, 0, 0},
+      {"cmp16", OPT_FLAG, &o->cmp16, NULL, 0, 0},
   };
   const size_t nspecs = sizeof specs / sizeof specs[0];
   for (int i = 1; i < argc; i++) {
@@ -292,6 +296,7 @@ static size_t flush_bytes(const bench_options *o, const device_facts *d) {
 typedef struct bench_config {
   int B, T, H, G, HQ, D, BS, S, W;
   clnsa_dtype dt;
+  bool cmp16; /* CLNSA_FLAG_CMP_16BIT: k_cmp, v_cmp in dt instead of f32 */
 } bench_config;
 
 typedef struct work {
@@ -320,9 +325,11 @@ static key_sums key_sums_of(const bench_config *c) {
 
 /* FLOPs (2 per multiply-add, 2*D per key for q.k and 2*D for p.v) and the fewest bytes
  * each stage must move: inputs read once, outputs written once. Intermediates are f32 as
- * in the forward's workspace. fwd_ws: bytes of the forward's workspace. */
+ * in the forward's workspace (k_cmp, v_cmp in dt with --cmp16). fwd_ws: bytes of the
+ * forward's workspace. */
 static work stage_work(const bench_config *c, const key_sums *ks, stage_id st, double fwd_ws) {
   const double es = (double)clnsa_dtype_size(c->dt), f = 4.0, D = c->D;
+  const double fc = c->cmp16 ? es : f; /* bytes of a k_cmp, v_cmp element */
   const double rows = (double)c->B * c->T * c->HQ; /* query rows */
   const double kv = (double)c->B * c->T * c->H * 2 * D * es;
   const double nb = (double)c->B * ((c->T + c->BS - 1) / c->BS) * c->H;
@@ -331,11 +338,11 @@ static work stage_work(const bench_config *c, const key_sums *ks, stage_id st, d
   const double hb = (double)c->B * c->HQ; /* rows per position */
   work w = {0, 0};
   switch (st) {
-    case ST_POOL: w = (work){kv / es, kv + nb * 2 * D * f}; break;
-    case ST_COMPRESSED: w = (work){hb * ks->compressed * 4 * D, q + nb * 2 * D * f + out}; break;
+    case ST_POOL: w = (work){kv / es, kv + nb * 2 * D * fc}; break;
+    case ST_COMPRESSED: w = (work){hb * ks->compressed * 4 * D, q + nb * 2 * D * fc + out}; break;
     case ST_TOPK:
       w = (work){hb * ks->topk * 2 * D,
-                 q + nb * D * f + rows * f + (double)c->B * c->T * c->H * c->S * 4};
+                 q + nb * D * fc + rows * f + (double)c->B * c->T * c->H * c->S * 4};
       break;
     case ST_SELECTED:
       w = (work){hb * ks->selected * 4 * D, q + kv + (double)c->B * c->T * c->H * c->S * 4 + out};
@@ -597,6 +604,12 @@ typedef struct views {
   clnsa_tensor d_o, dq, dk, dv, dg_cmp, dg_slc, dg_swa;
 } views;
 
+/* The dtype of the pooled keys the stages see: what the whole forward keeps (f32, or the
+ * input dtype with CLNSA_FLAG_CMP_16BIT). Their buffers have room for f32. */
+static clnsa_dtype cmp_dtype(const bench_run *r) {
+  return r->c.cmp16 ? r->c.dt : CLNSA_F32;
+}
+
 static void make_views(const bench_run *r, const bench_set *s, views *v) {
   const bench_config *c = &r->c;
   const int64_t nb = (c->T + c->BS - 1) / c->BS;
@@ -610,8 +623,8 @@ static void make_views(const bench_run *r, const bench_set *s, views *v) {
   v->g_cmp = clnsa_tensor_make(s->g_cmp, 0, c->dt, 3, srow);
   v->g_slc = clnsa_tensor_make(s->g_slc, 0, c->dt, 3, srow);
   v->g_swa = clnsa_tensor_make(s->g_swa, 0, c->dt, 3, srow);
-  v->k_cmp = clnsa_tensor_make(s->k_cmp, 0, CLNSA_F32, 4, scmp);
-  v->v_cmp = clnsa_tensor_make(s->v_cmp, 0, CLNSA_F32, 4, scmp);
+  v->k_cmp = clnsa_tensor_make(s->k_cmp, 0, cmp_dtype(r), 4, scmp);
+  v->v_cmp = clnsa_tensor_make(s->v_cmp, 0, cmp_dtype(r), 4, scmp);
   v->lse_cmp = clnsa_tensor_make(s->lse_cmp, 0, CLNSA_F32, 3, srow);
   v->idx = clnsa_tensor_make(s->idx, 0, CLNSA_I32, 4, sidx);
   v->o32 = clnsa_tensor_make(r->o32, 0, CLNSA_F32, 4, sq);
@@ -765,8 +778,8 @@ static bool prepare_set(bench_run *r, int si, stage_result *res) {
   if (need_cmp && run_once(r, ST_POOL, si, why, sizeof why) != CLNSA_SUCCESS) {
     if (r->broken) return queue_failed(r, ST_POOL, why);
     if (si == 0) note_fallback(r, ST_POOL, why, "random pooled keys");
-    if (!fill_random(r, s->k_cmp, n.cmp, CLNSA_F32, -1, 1, &g) ||
-        !fill_random(r, s->v_cmp, n.cmp, CLNSA_F32, -1, 1, &g))
+    if (!fill_random(r, s->k_cmp, n.cmp, cmp_dtype(r), -1, 1, &g) ||
+        !fill_random(r, s->v_cmp, n.cmp, cmp_dtype(r), -1, 1, &g))
       return false;
   }
   if (need_lse && run_once(r, ST_COMPRESSED, si, why, sizeof why) != CLNSA_SUCCESS) {
@@ -950,9 +963,12 @@ static void json_number(FILE *f, const char *key, double x, bool valid) {
     fprintf(f, ",\"%s\":null", key);
 }
 
-/* The dtype column: the storage type, "tf32" for f32 run with CLNSA_FLAG_TF32. */
+/* The dtype column: the storage type, "tf32" for f32 run with CLNSA_FLAG_TF32, "bf16c"
+ * and "f16c" for 16-bit runs with CLNSA_FLAG_CMP_16BIT. */
 static const char *dtype_label(const bench_run *r) {
-  return (r->p.flags & CLNSA_FLAG_TF32) ? "tf32" : cli_dtype_name(r->c.dt);
+  if (r->p.flags & CLNSA_FLAG_TF32) return "tf32";
+  if (r->c.cmp16) return r->c.dt == CLNSA_F16 ? "f16c" : "bf16c";
+  return cli_dtype_name(r->c.dt);
 }
 
 static void json_line(FILE *f, const bench_run *r, stage_id st, const stage_result *res,
@@ -1083,10 +1099,11 @@ static bool sweep_one(sweep *w, clnsa_dtype dt, int G, int T) {
   if (!r) return false;
   r->ctx = w->ctx, r->opt = o, r->dev = &w->dev;
   r->c = (bench_config){o->batch, T, o->heads, G, o->heads * G, o->dim,
-                        o->block_size, o->block_count, o->window, dt};
+                        o->block_size, o->block_count, o->window, dt, false};
   r->p = clnsa_params_default();
   r->p.block_size = o->block_size, r->p.block_count = o->block_count, r->p.window = o->window;
   if (o->tf32 && dt == CLNSA_F32) r->p.flags |= CLNSA_FLAG_TF32;
+  if (o->cmp16 && dt != CLNSA_F32) r->p.flags |= CLNSA_FLAG_CMP_16BIT, r->c.cmp16 = true;
   r->stages = o->stages;
   r->flush_bytes = flush_bytes(o, &w->dev);
   run_config(w, r);
