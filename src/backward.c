@@ -20,7 +20,7 @@
  *   two selected kernels where tensor cores run and the tensors qualify: same arguments,
  *   same outputs, other group sizes; see bwd_mma_fits; likewise bwd_dq_compressed_mma and
  *   bwd_dkdv_compressed_mma of cl/attend_bwd_cmp_mma.cl for the compressed pair with bf16
- *   q: bwd_mma_cmp_configure)
+ *   q, or 16-bit k_cmp in q's dtype: bwd_mma_cmp_configure)
  *   bwd_dkdv_window      one work-group per key tile -> window dk/dv
  *   bwd_dkdv_compressed  one work-group per (block tile, token chunk) -> compressed
  *                        partial sums per token chunk
@@ -286,7 +286,7 @@ typedef struct bwd_plan {
   bool kvq_room, kvq;     /* partials reserved; the selected dq runs kv-block-major */
   int kvq_nw;
   cl_kernel kvq_merge;         /* bwd_dq_merge (cl/selected_merge.cl) */
-  bool cmp_dq_mma, cmp_kv_mma; /* the compressed dq, dk/dv kernels too (bf16 q) */
+  bool cmp_dq_mma, cmp_kv_mma; /* the compressed dq, dk/dv kernels too (bwd_mma_cmp_configure) */
   int dq_nw, kv_nw;            /* their warps per group: selected dq, dk/dv */
   int cq_nw, ckv_nw;           /* compressed dq, dk/dv */
   int ckt;                     /* compressed dq: blocks per staged tile */
