@@ -98,11 +98,11 @@ static size_t topk_mma_local_bytes(const nsa_dims *d, bool kc_f32, bool emulate,
  * 32-wide chunks, 16-byte rows. Each warp keeps TPW tokens x CAP candidate blocks of
  * importances in local memory, which long sequences outgrow (G = 1, T = 65536: 64 KiB per
  * warp at TPW = 16, NVIDIA gives 48). The first shape that fits wins, trying TPW = 16 MT / G
- * down to 1 (fewer tokens per warp leave mma rows idle, rather than leave the tensor
- * cores for the portable kernel), for each NW = 4, 2, 1 (more tokens share each staged
- * tile; the emulation runs one warp per group), for each KT = 32 then 16 (32: 99
+ * (capped: tpw_cap below) down to 1 (fewer tokens per warp leave mma rows idle, rather
+ * than leave the tensor cores for the portable kernel), for each NW = 4, 2, 1 (more tokens share
+ * each staged tile; the emulation runs one warp per group), for each KT = 32 then 16 (32: 99
  * registers with f32 k_cmp, tools/ptx_check.sh; 16 frees half the staged tile). G = 1,
- * T = 65536, DK = 128, f32 k_cmp in 48 KiB gets TPW = 8, NW = 1, KT = 16 (44548 bytes);
+ * T = 65536, DK = 128 in 48 KiB gets TPW = 2 (the cap), NW = 4, KT = 16 (f32 k_cmp) or 32;
  * G = 16 there MT = 2, TPW = 2, NW = 4, KT = 16. CLNSA_TUNE's TOPK_KT fixes KT, TOPK_TPW
  * caps TPW, TOPK_MT sets MT (tests, experiments). Returns false where the portable kernel
  * runs. */
@@ -120,7 +120,16 @@ static bool topk_mma_shape_for(clnsa_context *ctx, const nsa_dims *d, const clns
   if (m->cap < 1) m->cap = 1;
   const int kt_fixed = tuning_env_int("TOPK_KT", 0, 16);
   const int kts[2] = {kt_fixed ? kt_fixed : 32, 16}, nkt = kt_fixed ? 1 : 2;
-  const int tpw_cap = tuning_env_int("TOPK_TPW", 32, 1);
+  /* Fewer tokens a warp than fit: each token's CAP importances fill local memory, so many
+   * tokens a warp leave few warps per SM, and a warp runs its tokens' selections one after
+   * another; with long candidate lists that costs more than the staged k_cmp tiles that
+   * fewer tokens share less. H100, bf16, D = 128, top-k ms at T = 8k / 16k / 64k
+   * (2026-11-28, docs/bench/h100-2026-11-28-s8-topk-tpw.jsonl): G = 1 with TPW 8 (first
+   * fit) 0.128 / 0.352 / 4.41, capped at 4 0.118 / 0.311 / 3.37, at 2 0.140 / 0.354 / 3.35;
+   * G = 2 TPW 8 0.134 / 0.260 / 5.11, at 2 0.144 / 0.362 / 3.46; G = 4 TPW 4 0.151 / 0.343 /
+   * 4.02, at 2 0.147 / 0.367 / 3.51 (16-bit k_cmp alike: G = 1 at 64k 3.54 -> 2.25). Hence
+   * 2 where a token has 1024 or more candidates, 4 at G = 1 below that. */
+  const int tpw_cap = tuning_env_int("TOPK_TPW", m->cap >= 1024 ? 2 : G == 1 ? 4 : 32, 1);
   /* MT = 2: two 16-row m-tiles a warp share each staged k_cmp fragment, for G = 16 (H100,
    * bf16, f32 k_cmp, D = 128: 6.92 -> 6.03 ms at 64k with 16 candidates and 4 warps,
    * 0.191 -> 0.199 ms at 8k; at G = 1 it lost at 8k, 0.183 -> 0.200). TOPK_MT overrides. */
