@@ -199,13 +199,13 @@ typedef struct clnsa_paged_kv {
  * path the compressed branch, top-k and the compressed backward then take k_cmp as one
  * 16-bit operand instead of splitting an f32 value into two bf16 terms (bf16 q), or reach
  * the tensor cores at all (f16 q: an f32 k_cmp keeps the portable kernels; H100 and H200
- * timings in docs/PERFORMANCE.md). The rounding is part of the
- * function computed, on every device alike: scores move by about 2^-9 (bf16) or 2^-12
- * (f16) of |q||k_cmp|, which can decide near-ties of block importance differently (the
- * tests compare against a float64 reference of the rounded k_cmp); gradients pass the
- * rounding as if it were the identity. No effect with f32 k and v, nor on the stage
- * functions (their k_cmp, v_cmp have the caller's dtypes). clnsa_backward must get the
- * same flag as the forward it reads: otherwise CLNSA_ERR_WORKSPACE. */
+ * timings in docs/PERFORMANCE.md). The rounding is part of the function computed, on
+ * every device alike: scores move by about 2^-9 (bf16) or 2^-12 (f16) of |q||k_cmp|,
+ * which can decide near-ties of block importance differently (the tests compare against
+ * a float64 reference of the rounded k_cmp); gradients pass the rounding as if it were
+ * the identity. No effect with f32 k and v, nor on the stage functions (their k_cmp,
+ * v_cmp have the caller's dtypes). clnsa_backward must get the same flag as the forward
+ * it reads: otherwise CLNSA_ERR_WORKSPACE. */
 #define CLNSA_FLAG_CMP_16BIT (1u << 1)
 
 #define CLNSA_MAX_HEAD_DIM 256
