@@ -280,23 +280,23 @@ static void run_case(const bcase *bc, rng *r) {
 /* Cases every run covers (data random, structure fixed). */
 static const bcase fixed_cases[] = {
     /* B  T  H  G cls S  W  nseq cu           gates   idx    padded dtype */
-    {2, 37, 2, 1, 0, 3, 0, 0, {0}, G_SLC, false, true, CLNSA_F32, 0},
-    {1, 5, 1, 2, 0, 2, 4, 0, {0}, G_ALL, false, false, CLNSA_F16, 0}, /* T < BS */
-    {1, 15, 2, 3, 2, 4, 0, 0, {0}, 0, false, false, CLNSA_BF16, 0},   /* T = BS - 1 */
-    {2, 61, 1, 5, 1, 5, 9, 0, {0}, G_CMP | G_SWA, false, false, CLNSA_F32, 0},
-    {1, 50, 2, 16, 1, 6, 16, 0, {0}, G_ALL, false, true, CLNSA_BF16, 0},
-    {1, 33, 1, 16, 2, 2, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_F16, 0},
+    {2, 37, 2, 1, 0, 3, 0, 0, {0}, G_SLC, false, true, CLNSA_F32, 0, false},
+    {1, 5, 1, 2, 0, 2, 4, 0, {0}, G_ALL, false, false, CLNSA_F16, 0, false}, /* T < BS */
+    {1, 15, 2, 3, 2, 4, 0, 0, {0}, 0, false, false, CLNSA_BF16, 0, false},   /* T = BS - 1 */
+    {2, 61, 1, 5, 1, 5, 9, 0, {0}, G_CMP | G_SWA, false, false, CLNSA_F32, 0, false},
+    {1, 50, 2, 16, 1, 6, 16, 0, {0}, G_ALL, false, true, CLNSA_BF16, 0, false},
+    {1, 33, 1, 16, 2, 2, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_F16, 0, false},
     /* varlen with an empty and a length-1 sequence */
-    {1, 0, 1, 3, 0, 3, 6, 5, {0, 13, 13, 14, 40, 57}, G_ALL, false, false, CLNSA_F32, 0},
-    {1, 0, 2, 2, 1, 4, 5, 4, {0, 5, 5, 6, 35}, G_SLC | G_SWA, false, true, CLNSA_BF16, 0},
+    {1, 0, 1, 3, 0, 3, 6, 5, {0, 13, 13, 14, 40, 57}, G_ALL, false, false, CLNSA_F32, 0, false},
+    {1, 0, 2, 2, 1, 4, 5, 4, {0, 5, 5, 6, 35}, G_SLC | G_SWA, false, true, CLNSA_BF16, 0, false},
     /* caller-given indices, with and without the compressed branch */
-    {2, 40, 2, 2, 0, 5, 0, 0, {0}, G_SLC | G_CMP, true, true, CLNSA_F32, 0},
-    {1, 29, 3, 1, 0, 4, 7, 0, {0}, G_SWA, true, false, CLNSA_F16, 0},
-    {1, 0, 1, 5, 2, 3, 0, 3, {0, 1, 17, 30}, 0, true, false, CLNSA_BF16, 0},
+    {2, 40, 2, 2, 0, 5, 0, 0, {0}, G_SLC | G_CMP, true, true, CLNSA_F32, 0, false},
+    {1, 29, 3, 1, 0, 4, 7, 0, {0}, G_SWA, true, false, CLNSA_F16, 0, false},
+    {1, 0, 1, 5, 2, 3, 0, 3, {0, 1, 17, 30}, 0, true, false, CLNSA_BF16, 0, false},
     /* g_swa without a window: dg_swa = 0 */
-    {1, 20, 1, 2, 0, 2, 0, 0, {0}, G_SWA | G_CMP, false, false, CLNSA_F32, 0},
+    {1, 20, 1, 2, 0, 2, 0, 0, {0}, G_SWA | G_CMP, false, false, CLNSA_F32, 0, false},
     /* dense causal attention through the window */
-    {1, 24, 2, 2, 1, 3, 100, 0, {0}, G_ALL, false, false, CLNSA_F32, 0},
+    {1, 24, 2, 2, 1, 3, 100, 0, {0}, G_ALL, false, false, CLNSA_F32, 0, false},
 };
 
 static void test_backward_fixed(void **state) {
@@ -311,7 +311,7 @@ static void test_backward_random(void **state) {
   (void)state;
   rng r = {harness_seed("backward random")};
   const int groups[] = {1, 2, 3, 5, 16};
-  const clnsa_dtype dts[] = {CLNSA_F32, CLNSA_F16, CLNSA_BF16};
+  const clnsa_dtype dts[] = {CLNSA_F32, CLNSA_F16, CLNSA_BF16, false};
   for (int n = 0; n < 6; n++) { /* few: each new (dtype, shape, gates) costs kernel builds */
     bcase bc;
     memset(&bc, 0, sizeof bc);
@@ -344,7 +344,7 @@ static void test_backward_random(void **state) {
 static void test_unselected_block(void **state) {
   (void)state;
   rng r = {harness_seed("unselected block")};
-  const bcase bc = {1, 40, 2, 2, 0, 2, 0, 0, {0}, G_SLC, true, false, CLNSA_F32, 0};
+  const bcase bc = {1, 40, 2, 2, 0, 2, 0, 0, {0}, G_SLC, true, false, CLNSA_F32, 0, false};
   const ref_shape shape = shape_of(&bc), *s = &shape;
   const size_t rows = (size_t)s->TQ * s->H;
   int *idx = malloc(sizeof(int) * rows * s->S);
@@ -374,7 +374,8 @@ static void test_unselected_block(void **state) {
 static void test_block_selected_by_all(void **state) {
   (void)state;
   rng r = {harness_seed("block selected by all")};
-  const bcase bc = {1, 2100, 1, 2, 0, 2, 0, 0, {0}, G_SLC | G_CMP, true, false, CLNSA_F32, 0};
+  const bcase bc = {1, 2100, 1, 2, 0, 2, 0, 0, {0}, G_SLC | G_CMP, true, false, CLNSA_F32, 0,
+                    false};
   const ref_shape shape = shape_of(&bc), *s = &shape;
   int *idx = malloc(sizeof(int) * (size_t)s->TQ * s->H * s->S);
   for (int i = 0; i < s->TQ * s->H; i++) {
@@ -410,15 +411,15 @@ static void test_backward_tensor_cores(void **state) {
   printf("# tensor-core path: %d\n", (int)clnsa_context_tensor_cores(ctx));
   static const bcase cases[] = {
       /* B  T  H  G cls S  W  nseq cu  gates   idx    padded dtype */
-      {1, 70, 2, 16, 3, 3, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_BF16, 0},
-      {2, 45, 2, 1, 3, 4, 7, 0, {0}, G_ALL, false, false, CLNSA_BF16, 0},
-      {1, 50, 1, 3, 4, 3, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_F16, 0},
-      {1, 61, 1, 3, 3, 3, 0, 0, {0}, G_CMP, false, false, CLNSA_BF16, 0},
-      {1, 30, 1, 20, 4, 2, 0, 0, {0}, 0, false, false, CLNSA_F16, 0},
-      {1, 0, 2, 2, 3, 3, 5, 4, {0, 5, 5, 46, 47}, G_ALL, false, false, CLNSA_BF16, 0},
-      {1, 40, 2, 4, 4, 5, 0, 0, {0}, G_SLC, true, false, CLNSA_F16, 0},
-      {1, 48, 1, 8, 3, 3, 0, 0, {0}, G_SLC, true, false, CLNSA_BF16, 0},
-      {1, 130, 1, 16, 5, 2, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_BF16, 0},
+      {1, 70, 2, 16, 3, 3, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_BF16, 0, false},
+      {2, 45, 2, 1, 3, 4, 7, 0, {0}, G_ALL, false, false, CLNSA_BF16, 0, false},
+      {1, 50, 1, 3, 4, 3, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_F16, 0, false},
+      {1, 61, 1, 3, 3, 3, 0, 0, {0}, G_CMP, false, false, CLNSA_BF16, 0, false},
+      {1, 30, 1, 20, 4, 2, 0, 0, {0}, 0, false, false, CLNSA_F16, 0, false},
+      {1, 0, 2, 2, 3, 3, 5, 4, {0, 5, 5, 46, 47}, G_ALL, false, false, CLNSA_BF16, 0, false},
+      {1, 40, 2, 4, 4, 5, 0, 0, {0}, G_SLC, true, false, CLNSA_F16, 0, false},
+      {1, 48, 1, 8, 3, 3, 0, 0, {0}, G_SLC, true, false, CLNSA_BF16, 0, false},
+      {1, 130, 1, 16, 5, 2, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_BF16, 0, false},
       /* CLNSA_FLAG_CMP_16BIT: k_cmp, v_cmp in q's dtype, taken as they are by the
        * compressed dq and dk/dv (no hi/lo split; f16 reaches those kernels only this way) */
       {1, 70, 2, 16, 3, 3, 0, 0, {0}, G_SLC | G_CMP, false, false, CLNSA_BF16, 0, true},
@@ -448,7 +449,7 @@ static void expect_refused(problem *pb, const clnsa_tensor *d_o, const clnsa_gra
 static void test_errors(void **state) {
   (void)state;
   rng r = {harness_seed("backward errors")};
-  const bcase bc = {1, 20, 1, 2, 0, 2, 4, 0, {0}, G_SLC | G_SWA, false, false, CLNSA_F32, 0};
+  const bcase bc = {1, 20, 1, 2, 0, 2, 4, 0, {0}, G_SLC | G_SWA, false, false, CLNSA_F32, 0, false};
   problem pb;
   make_problem(&pb, &bc, NULL, &r);
   run_forward(&pb);
@@ -526,7 +527,7 @@ static void test_cmp16_mismatch(void **state) {
 static void test_no_backward(void **state) {
   (void)state;
   rng r = {harness_seed("no backward")};
-  const bcase bc = {1, 12, 1, 2, 0, 2, 3, 0, {0}, G_SLC | G_SWA, false, false, CLNSA_F32, 5};
+  const bcase bc = {1, 12, 1, 2, 0, 2, 3, 0, {0}, G_SLC | G_SWA, false, false, CLNSA_F32, 5, false};
   problem pb;
   make_problem(&pb, &bc, NULL, &r);
   run_forward(&pb);

@@ -518,12 +518,17 @@ static const fcase tf32_cases[] = {
 };
 /* clang-format on */
 
+/* A table of cases with params.flags = flags, seeded by `name`, saying which path runs. */
+static void run_path_cases(const char *name, const fcase *cases, size_t n, unsigned flags) {
+  rng r = {harness_seed(name)};
+  printf("# tensor-core path: %d\n", (int)clnsa_context_tensor_cores(ctx));
+  for (size_t i = 0; i < n; i++) run_case(&cases[i], flags, &r);
+}
+
 static void test_forward_tf32(void **state) {
   (void)state;
-  rng r = {harness_seed("forward tf32")};
-  printf("# tensor-core path: %d\n", (int)clnsa_context_tensor_cores(ctx));
-  for (size_t i = 0; i < sizeof tf32_cases / sizeof tf32_cases[0]; i++)
-    run_case(&tf32_cases[i], CLNSA_FLAG_TF32, &r);
+  run_path_cases("forward tf32", tf32_cases, sizeof tf32_cases / sizeof tf32_cases[0],
+                 CLNSA_FLAG_TF32);
 }
 
 /* f16 / bf16 with G <= 4 on the tensor-core path: the selected branch runs kv-block-major
@@ -551,10 +556,7 @@ static const fcase kvm_cases[] = {
 
 static void test_forward_kvm(void **state) {
   (void)state;
-  rng r = {harness_seed("forward kvm")};
-  printf("# tensor-core path: %d\n", (int)clnsa_context_tensor_cores(ctx));
-  for (size_t i = 0; i < sizeof kvm_cases / sizeof kvm_cases[0]; i++)
-    run_case(&kvm_cases[i], 0, &r);
+  run_path_cases("forward kvm", kvm_cases, sizeof kvm_cases / sizeof kvm_cases[0], 0);
 }
 
 /* CLNSA_FLAG_CMP_16BIT: the forward keeps k_cmp, v_cmp in the dtypes of k, v (the
@@ -577,10 +579,8 @@ static const fcase cmp16_cases[] = {
 
 static void test_forward_cmp16(void **state) {
   (void)state;
-  rng r = {harness_seed("forward cmp16")};
-  printf("# tensor-core path: %d\n", (int)clnsa_context_tensor_cores(ctx));
-  for (size_t i = 0; i < sizeof cmp16_cases / sizeof cmp16_cases[0]; i++)
-    run_case(&cmp16_cases[i], CLNSA_FLAG_CMP_16BIT, &r);
+  run_path_cases("forward cmp16", cmp16_cases, sizeof cmp16_cases / sizeof cmp16_cases[0],
+                 CLNSA_FLAG_CMP_16BIT);
 }
 
 /* The stages of one forward must be ordered by events alone: the same cases on an
