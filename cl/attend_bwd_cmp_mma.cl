@@ -87,6 +87,18 @@
     __global const CQ_RAW *p = (__global const CQ_RAW *)(t + TIDX(t, sp.b, sp.c0 + min(k0 + j, kend - 1), h) + 8 * (x - j * (ld))); \
     _Pragma("unroll") for (int w = 0; w < CQ_RAWN; w++) r[it][w] = p[w];                 \
   }
+/* The units CQ_LOADS brought into r, split (cq_terms) and stored in the staged tile st
+ * (LDS units a row): the hi words, and where lo_too (a constant) the lo words CKT rows on */
+#define CQ_STORES(r, st, ld, LDS, lo_too)                                                 \
+  _Pragma("unroll") for (int it = 0; it < (CKT * (ld) + 32 * CQ_NW - 1) / (32 * CQ_NW); it++) { \
+    const int x = lid + it * 32 * CQ_NW, j = x / (ld), u = x - j * (ld);                 \
+    uint4 hi, lo;                                                                        \
+    cq_terms(r[it], k0 + j < kend, &hi, &lo);                                            \
+    if (x < CKT * (ld)) {                                                                \
+      st[j * (LDS) + u] = hi;                                                            \
+      if (lo_too) st[(CKT + j) * (LDS) + u] = lo;                                        \
+    }                                                                                    \
+  }
 #ifndef CKT
 #define CKT 16 /* bwd_dq_compressed_mma: blocks per staged tile, a multiple of 16 */
 #endif
@@ -342,30 +354,8 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
     CQ_LOADS(kr8, kc, DK / 8);
     CQ_LOADS(vr8, vc, DV / 8);
     barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile consumed */
-#pragma unroll
-    for (int it = 0; it < CQ_KIT; it++) {
-      const int x = lid + it * 32 * CQ_NW, j = x / (DK / 8), u = x - j * (DK / 8);
-      uint4 hi, lo;
-      cq_terms(kr8[it], k0 + j < kend, &hi, &lo);
-      if (x < CKT * (DK / 8)) {
-        kst[j * KLD8 + u] = hi;
-#if CK_SPLIT
-        kst[(CKT + j) * KLD8 + u] = lo;
-#endif
-      }
-    }
-#pragma unroll
-    for (int it = 0; it < CQ_VIT; it++) {
-      const int x = lid + it * 32 * CQ_NW, j = x / (DV / 8), u = x - j * (DV / 8);
-      uint4 hi, lo;
-      cq_terms(vr8[it], k0 + j < kend, &hi, &lo);
-      if (x < CKT * (DV / 8)) {
-        vst[j * VLD8 + u] = hi;
-#if VC_TERMS == 2
-        vst[(CKT + j) * VLD8 + u] = lo;
-#endif
-      }
-    }
+    CQ_STORES(kr8, kst, DK / 8, KLD8, CK_SPLIT);
+    CQ_STORES(vr8, vst, DV / 8, VLD8, VC_TERMS == 2);
 #else
     barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile consumed */
     for (int x = lid; x < CKT * (DK / 8); x += 32 * CQ_NW) {
