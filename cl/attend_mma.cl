@@ -42,6 +42,11 @@
  *    (keys x dims 32c + 8(col/2) + 2j + col%2), and movmatrix.trans turns it into b0 (keys
  *    0-7) or b1 (keys 8-15). The accumulator then holds, for lane (gid, tig), the dims
  *    32c + 8tig + 2j + {0, 1} of rows gid and gid+8: eight consecutive dims per chunk.
+ *    Staged tiles (MODE 0/1/3) give V by ldmatrix.trans instead (VLDM): one instruction
+ *    reads four 8x8 matrices (keys x 8 dims) of the tile as the B fragments of two n-tiles,
+ *    in natural dim order (n-tile n holds dims 8n + 2tig + {0, 1}): 16 keys x 32 dims take
+ *    2 instructions where the 16-byte reads and movmatrix took 2 + 8 (H100, G = 16, 64k:
+ *    compressed attention 7.80 -> 6.61 ms with 16-bit k_cmp; dense at 8k 6.44 -> 5.88).
  *  - P: the f32 scores tile is already laid out as A fragments of P V (registers of key
  *    pairs 2tig, 2tig+1); rounding to MMA_DT packs them (FlashAttention-2's trick).
  *  - f32 K or V with bf16 q (the compressed branch of the whole forward keeps k_cmp and
@@ -112,6 +117,9 @@
 #ifndef WGMMA
 #define WGMMA 0
 #endif
+#ifndef VLDM /* 1: staged V fragments by ldmatrix.trans, not 16-byte reads and movmatrix */
+#define VLDM (STAGE && !WGMMA)
+#endif
 #ifndef STAGE_BATCH /* 1: a staged tile's loads all issued before its first store (MODE 0/1/3) */
 #define STAGE_BATCH (MODE != 2 && !V_LO)
 #endif
@@ -133,6 +141,9 @@
 #endif
 #if WARP_EMULATE && NW != 1
 #error "attend_mma.cl: the warp emulation runs one warp per group"
+#endif
+#if VLDM && (!STAGE || WGMMA)
+#error "attend_mma.cl: VLDM reads staged mma.sync tiles"
 #endif
 #if STAGE_BATCH && (MODE == 2 || V_LO)
 #error "attend_mma.cl: STAGE_BATCH is for the staged modes without V_SPLIT"
@@ -173,6 +184,17 @@
 #define SWZ(ld, j, u) ((((j) >> 3) * (ld) + (u)) * 8 + ((j) & 7))
 #else
 #define SWZ(ld, j, u) ((j) * (ld) + ((ld) % 8 == 0 ? (u) ^ (((j) & 1) << 2) : (u)))
+#endif
+/* Staged V rows with VLDM: ldmatrix reads unit u of 8 consecutive rows at once, so the
+ * rows are padded by one unit (an odd stride: the 8 reads fall in 8 distinct bank groups),
+ * which keeps a lane's addresses for successive u a constant apart (a swizzle by XOR
+ * would need one per u: 16 more registers). The host reserves the pad (src/attend.c). */
+#if VLDM
+#define VROW (VLD8 + 1)
+#define SWZV(ld, j, u) ((j) * ((ld) + 1) + (u))
+#else
+#define VROW VLD8
+#define SWZV(ld, j, u) SWZ(ld, j, u)
 #endif
 /* The staged K words of this lane's B fragments, 8-key tile nt, 32-dim chunk c. */
 #if K_DT == 0
@@ -267,12 +289,12 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #endif
 #if STAGE
   __local uint4 kst[RES_TILES * KT * KLD8] __attribute__((aligned(128)));
-  __local uint4 vst[RES_TILES * KT * VLD8] __attribute__((aligned(128)));
+  __local uint4 vst[RES_TILES * KT * VROW] __attribute__((aligned(128)));
 #if K_DT == 0
   __local uint4 kst_lo[RES_TILES * KT * KLD8] __attribute__((aligned(128)));
 #endif
 #if V_LO
-  __local uint4 vst_lo[RES_TILES * KT * VLD8];
+  __local uint4 vst_lo[RES_TILES * KT * VROW] __attribute__((aligned(16)));
 #endif
 #endif
   WARP_SCRATCH(wx);
@@ -386,12 +408,12 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     LBARRIER(); /* the previous tile's readers are done */
 #endif
 #endif
-    __local uint4 *const ktile = kst + toff * KLD8, *const vtile = vst + toff * VLD8;
+    __local uint4 *const ktile = kst + toff * KLD8, *const vtile = vst + toff * VROW;
 #if K_DT == 0
     __local uint4 *const ktile_lo = kst_lo + toff * KLD8;
 #endif
 #if V_LO
-    __local uint4 *const vtile_lo = vst_lo + toff * VLD8;
+    __local uint4 *const vtile_lo = vst_lo + toff * VROW;
 #endif
     if (stage) {
 #if STAGE_BATCH
@@ -424,7 +446,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
         const int i = lid + it * WG;
         STAGE_JU(VLD8);
         const bool in = k0 + j < khi;
-        if (i < KT * VLD8) vtile[SWZ(VLD8, j, u)] = in ? vw[it].hi : (uint4)(0u);
+        if (i < KT * VLD8) vtile[SWZV(VLD8, j, u)] = in ? vw[it].hi : (uint4)(0u);
       }
 #else
       for (int i = lid; i < KT * (DK / 8); i += WG) {
@@ -442,9 +464,9 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
         const int kidx = k0 + j;
         const long at = TIDX(v, grp.b, key_row(min(kidx, khi - 1), grp.krow0, list), h);
         const pairs8 w = LOAD8(V_DT, v, at + 8 * u, kidx < khi);
-        vtile[SWZ(VLD8, j, u)] = w.hi;
+        vtile[SWZV(VLD8, j, u)] = w.hi;
 #if V_LO
-        vtile_lo[SWZ(VLD8, j, u)] = w.lo;
+        vtile_lo[SWZV(VLD8, j, u)] = w.lo;
 #endif
       }
 #endif /* STAGE_BATCH */
@@ -590,6 +612,27 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
         wg_mma_t(&acc[0][n0 / 8][0], (uint4)(a[0][0], a[0][1], a[0][2], a[0][3]),
                  vtile + 16 * ks * VLD8 + n0, 8 * VLD8, 8, wx);
       if (ks == KSTEPS - 1) wg_commit(); /* waited for behind the next tile's loads */
+#elif VLDM
+      /* n-tiles 2p, 2p + 1 (dims 16p .. 16p + 15 in order) from one ldmatrix: lane 8i + r
+       * points at key 16 ks + 8 (i & 1) + r, dims 16p + 8 (i >> 1) .. + 7 */
+      const int vrow = 16 * ks + 8 * ((lane >> 3) & 1) + (lane & 7);
+#pragma unroll
+      for (int p = 0; p < DV / 16; p++) {
+        const int vu = 2 * p + (lane >> 4);
+        const uint4 b = ldmatrix_x4_t(vtile + SWZV(VLD8, vrow, vu), wx);
+#if V_LO
+        const uint4 e = ldmatrix_x4_t(vtile_lo + SWZV(VLD8, vrow, vu), wx);
+#endif
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+          mma_16816(acc[mt][2 * p], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b.x, b.y, wx);
+          mma_16816(acc[mt][2 * p + 1], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b.z, b.w, wx);
+#if V_LO
+          mma_16816(acc[mt][2 * p], a[mt][0], a[mt][1], a[mt][2], a[mt][3], e.x, e.y, wx);
+          mma_16816(acc[mt][2 * p + 1], a[mt][0], a[mt][1], a[mt][2], a[mt][3], e.z, e.w, wx);
+#endif
+        }
+      }
 #else
 #if !VEARLY && !STAGE
       const int klo8 = k0 + 16 * ks + gid, khi8 = klo8 + 8;
@@ -600,11 +643,11 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
       for (int c = 0; c < DVC; c++) {
 #if STAGE
         pairs8 vl, vh;
-        vl.hi = vtile[SWZ(VLD8, 16 * ks + gid, 4 * c + tig)];
-        vh.hi = vtile[SWZ(VLD8, 16 * ks + 8 + gid, 4 * c + tig)];
+        vl.hi = vtile[SWZV(VLD8, 16 * ks + gid, 4 * c + tig)];
+        vh.hi = vtile[SWZV(VLD8, 16 * ks + 8 + gid, 4 * c + tig)];
 #if V_LO
-        vl.lo = vtile_lo[SWZ(VLD8, 16 * ks + gid, 4 * c + tig)];
-        vh.lo = vtile_lo[SWZ(VLD8, 16 * ks + 8 + gid, 4 * c + tig)];
+        vl.lo = vtile_lo[SWZV(VLD8, 16 * ks + gid, 4 * c + tig)];
+        vh.lo = vtile_lo[SWZV(VLD8, 16 * ks + 8 + gid, 4 * c + tig)];
 #endif
 #elif VEARLY
         const pairs8 vl = vlo[ks][c], vh = vhi[ks][c];
@@ -700,8 +743,9 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #pragma unroll
       for (int j = 0; j < 4; j++) {
         const float *e = acc[rh >> 1][4 * c + j] + 2 * (rh & 1);
-        /* dims of n-tile 4c + j: 8 (4c + j) + 2tig with WGMMA, else the permuted order */
-        const int d = WGMMA ? 32 * c + 8 * j + 2 * tig : 32 * c + 8 * tig + 2 * j;
+        /* dims of n-tile 4c + j: 8 (4c + j) + 2tig with WGMMA or VLDM, else the permuted
+         * order (movmatrix of 16-byte row reads) */
+        const int d = WGMMA || VLDM ? 32 * c + 8 * j + 2 * tig : 32 * c + 8 * tig + 2 * j;
         STORE(O_DT, o, base + d, e[0] * inv);
         STORE(O_DT, o, base + d + 1, e[1] * inv);
       }

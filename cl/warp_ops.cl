@@ -5,6 +5,10 @@
  *   tf32_round  a float rounded to tf32 (10 mantissa bits; nearest, ties away from zero)
  *               as f32 bits, what mma_1688_tf32 takes;
  *   movmatrix_t transpose of an 8x8 matrix of 16-bit words held across the warp;
+ *   ldmatrix_x4_t  four 8x8 matrices of 16-bit words from local memory, transposed:
+ *               lane 8i + r gives the address of row r of matrix i (16 bytes, aligned),
+ *               and r[i] of every lane is then its movmatrix_t layout of matrix i^T (so
+ *               the B fragment words of a product contracting over the matrix rows);
  *   shfl_xor    butterfly exchange of a float between lanes;
  *   pack2       two floats rounded (nearest even) into a pair of MMA_DT words;
  *   warp_sync   the warp's lanes meet, and their local-memory writes become visible;
@@ -88,6 +92,15 @@ inline uint movmatrix_t(uint a, __local uint *x) {
   (void)x;
   uint d;
   PTX_ASM("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a));
+  return d;
+}
+
+inline uint4 ldmatrix_x4_t(__local const uint4 *row, __local uint *x) {
+  (void)x;
+  uint4 d;
+  PTX_ASM volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(d.x), "=r"(d.y), "=r"(d.z), "=r"(d.w)
+                   : "r"((uint)(size_t)row));
   return d;
 }
 
@@ -193,6 +206,26 @@ inline uint movmatrix_t(uint a, __local uint *x) {
   }
   barrier(CLK_LOCAL_MEM_FENCE);
   return d;
+}
+
+/* Every lane leaves its row in x (4 words a lane: the scratch is 192), then builds its
+ * words: element (gid, 2tig + e) of matrix i^T = element gid of row 2tig + e of matrix i,
+ * that is of lane 8i + 2tig + e's row. */
+inline uint4 ldmatrix_x4_t(__local const uint4 *row, __local uint *x) {
+  const int lane = get_local_id(0) & 31, gid = lane >> 2, tig = lane & 3;
+  const uint4 mine = *row;
+  x[4 * lane] = mine.x, x[4 * lane + 1] = mine.y, x[4 * lane + 2] = mine.z, x[4 * lane + 3] = mine.w;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  uint d[4];
+  for (int i = 0; i < 4; i++) {
+    d[i] = 0u;
+    for (int e = 0; e < 2; e++) {
+      const uint w = x[4 * (8 * i + 2 * tig + e) + (gid >> 1)];
+      d[i] |= ((gid & 1) ? w >> 16 : w & 0xffffu) << (16 * e);
+    }
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  return (uint4)(d[0], d[1], d[2], d[3]);
 }
 
 inline float shfl_xor(float v, int mask, __local uint *x) {

@@ -225,12 +225,12 @@ static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d
   c->kt = tuning_env_int("MMA_KT", keys, 16);
   c->vearly = mode == MODE_SELECTED ? tuning_env_int("VEARLY", split ? 0 : 1, 0) : 0;
   size_t bytes = mma_rows_layout(mode, d, nw, c->mt, c);
-  /* staged K/V tiles (unpadded, swizzled rows); f32 K kept as hi and lo, f32 V as hi
-   * alone unless V_SPLIT (cl/attend_mma.cl) */
+  /* staged K/V tiles (K rows swizzled, V rows padded by 16 bytes for ldmatrix: VLDM);
+   * f32 K kept as hi and lo, f32 V as hi alone unless V_SPLIT (cl/attend_mma.cl) */
   if (mode != MODE_SELECTED) {
     const size_t kt = (size_t)c->kt;
     bytes += 2 * kt * (size_t)d->DK * (k32 ? 2 : 1);
-    bytes += 2 * kt * (size_t)d->DV * (v32 && tuning_env_int("V_SPLIT", 0, 0) ? 2 : 1);
+    bytes += kt * (2 * (size_t)d->DV + 16) * (v32 && tuning_env_int("V_SPLIT", 0, 0) ? 2 : 1);
   }
   if (emulate) bytes += 4 * 32 * 6;
   return c->kt % 16 == 0 && (c->mt == 1 || c->mt == 2) && (size_t)c->wg <= ctx->info.max_wg &&

@@ -34,10 +34,12 @@ static uint32_t bits16(float x, clnsa_dtype dt) {
   return sign | (uint32_t)(e - 1 + 15) << 10 | (uint32_t)((m * 2.0f - 1.0f) * 1024.0f);
 }
 
+#define PROBE_OUT 12 /* floats a lane (cl/mma_probe.cl) */
+
 static bool probe_matches(const float *out, clnsa_dtype dt) {
   for (int lane = 0; lane < 32; lane++) {
     const int gid = lane >> 2, tig = lane & 3;
-    const float *o = out + 8 * lane;
+    const float *o = out + PROBE_OUT * lane;
     for (int i = 0; i < 4; i++) {
       const int row = gid + 8 * (i >> 1), col = 2 * tig + (i & 1);
       float want = (float)(i + 1);
@@ -51,6 +53,15 @@ static bool probe_matches(const float *out, clnsa_dtype dt) {
                             bits16((float)((2 * tig + 1) * 8 + gid), dt) << 16;
     const uint32_t p_want = bits16(1.5f, dt) | bits16(-2.0f, dt) << 16;
     if (t != t_want || o[5] != (float)(lane ^ 5) || p != p_want) return false;
+    /* ldmatrix .trans: word i holds elements (2tig, gid), (2tig + 1, gid) of matrix i,
+     * whose element (r, j) is 64 i + 8 r + j */
+    for (int i = 0; i < 4; i++) {
+      uint32_t m;
+      memcpy(&m, &o[8 + i], sizeof m);
+      const uint32_t m_want = bits16((float)(64 * i + 16 * tig + gid), dt) |
+                              bits16((float)(64 * i + 16 * tig + 8 + gid), dt) << 16;
+      if (m != m_want) return false;
+    }
   }
   return true;
 }
@@ -65,7 +76,7 @@ static clnsa_status probe_run(clnsa_context *ctx, clnsa_dtype dt, bool emulate, 
   if (program_kernel(ctx, "warp_ops.cl+mma_probe.cl", opt.text, "mma_probe", &kern) !=
       CLNSA_SUCCESS)
     return CLNSA_SUCCESS;
-  float out[32 * 8];
+  float out[32 * PROBE_OUT];
   cl_int err;
   cl_mem buf = clCreateBuffer(ctx->cl, CL_MEM_WRITE_ONLY, sizeof out, NULL, &err);
   if (err != CL_SUCCESS) return clnsa_cl_fail(ctx, err, "clCreateBuffer(mma probe)");

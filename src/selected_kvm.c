@@ -72,7 +72,8 @@ static bool kvm_configure(const clnsa_context *ctx, const nsa_dims *d, bool emul
   c->lcap = passes * c->rows + 32;
   size_t bytes = 16 * (size_t)c->rows + 8 * (size_t)c->lcap + 4 * 33;
   if (emulate) bytes += 4 * 32 * 6;
-  const size_t tile = 2 * (size_t)c->kt * (size_t)(d->DK + d->DV); /* staged K and V */
+  /* staged K and V (V rows padded by 16 bytes: cl/attend_mma.cl's VLDM) */
+  const size_t tile = (size_t)c->kt * (2 * (size_t)(d->DK + d->DV) + 16);
   const int tiles = (d->BS + c->kt - 1) / c->kt;
   c->res = 0;
   if (tiles > 1 && tuning_env_int("KVM_RES", 1, 0) &&
