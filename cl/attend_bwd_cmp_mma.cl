@@ -21,10 +21,11 @@
  *  - bwd_dq_compressed_mma: a group owns 16 CQ_NW consecutive flattened rows (token * G +
  *    g) of a sequence, warp w rows 16w .. 16w + 15; the group walks the blocks its last
  *    row sees in tiles of CKT, each staged once in local memory (hi and lo, 64-byte padded
- *    rows as in attend_mma.cl's STAGE) and read by every warp. S and dP take q and do
- *    rows as A (registers), the tile as B; dq += dS (Kc hi + Kc lo) with B through
- *    movmatrix. Every dq row has one warp as its writer, adding scale * acc to the
- *    accumulator once, with the tiles in block order: deterministic.
+ *    rows as in attend_mma.cl's STAGE, k rows RSWZ-swizzled) and read by every warp. S
+ *    and dP take q and do rows as A (registers), the tile as B; dq += dS (Kc hi + Kc lo)
+ *    with B read transposed by ldmatrix (mma_rows_ldm). Every dq row has one warp as its
+ *    writer, adding scale * acc to the accumulator once, with the tiles in block order:
+ *    deterministic.
  *    ptxas (tools/ptx_check.sh): 254 registers, no spills at DK = DV = 128.
  *  - bwd_dkdv_compressed_mma: a group owns 16 CKV_NW blocks and one token chunk (the
  *    partial-sum layout of bwd_dkdv_compressed); warp w owns 16 blocks as the M side and
@@ -88,10 +89,11 @@
     _Pragma("unroll") for (int w = 0; w < CQ_RAWN; w++) r[it][w] = p[w];                 \
   }
 /* The units CQ_LOADS brought into r, split (cq_terms) and stored in the staged tile st
- * (LDS units a row): the hi words, and where lo_too (a constant) the lo words CKT rows on */
-#define CQ_STORES(r, st, ld, LDS, lo_too)                                                 \
+ * (LDS units a row, RSWZ-swizzled where swz, a constant): the hi words, and where lo_too
+ * (a constant) the lo words CKT rows on */
+#define CQ_STORES(r, st, ld, LDS, lo_too, swz)                                            \
   _Pragma("unroll") for (int it = 0; it < (CKT * (ld) + 32 * CQ_NW - 1) / (32 * CQ_NW); it++) { \
-    const int x = lid + it * 32 * CQ_NW, j = x / (ld), u = x - j * (ld);                 \
+    const int x = lid + it * 32 * CQ_NW, j = x / (ld), u = (x - j * (ld)) ^ ((swz) ? RSWZ(j) : 0); \
     uint4 hi, lo;                                                                        \
     cq_terms(r[it], k0 + j < kend, &hi, &lo);                                            \
     if (x < CKT * (ld)) {                                                                \
@@ -182,10 +184,11 @@ inline float dscore(bool visible, float s, float dp, float sl2, float l2, float 
 #define KV_ALL (KV_SLOTS + (KC_TERMS - 1) * 2 * DKC + (VC_TERMS - 1) * 2 * DVC) /* a lane's slots */
 
 /* dk (ak) and dv (av) of this warp's keys key0 + gid (+ 8) += the 16 rows of one step,
- * staged: rw = the stage's row gid at unit tig (row 8nt + gid, a B column, at rw[8nt RLD8]),
- * rs = the stage's scalars of row 2tig (row 8nt + 2tig + x, a C column, at rs[8nt + x]).
- * S^T = K Q^T and dP^T = V do^T (A = the keys, B = q and do rows), then dv += (g P)^T do
- * and dk += dS^T Q (B = the staged do and q rows again, through movmatrix: dkdv_tail).
+ * staged (stage: its first row; rw = its row gid at unit tig, row 8nt + gid, a B column,
+ * at rw[8nt RLD8]), rs = the stage's scalars of row 2tig (row 8nt + 2tig + x, a C column,
+ * at rs[8nt + x]). S^T = K Q^T and dP^T = V do^T (A = the keys, B = q and do rows), then
+ * dv += (g P)^T do and dk += dS^T Q (B = the staged do and q rows again, by ldmatrix:
+ * dkdv_tail).
  * The stage's layout (RLD8) and that tail are cl/attend_bwd_mma.cl's, shared with the
  * selected dk/dv kernel. Rows past the walk hold a copy of its last row; lim = 0 gives
  * them P = dS = 0, as for every masked pair. */
@@ -193,9 +196,11 @@ inline float dscore(bool visible, float s, float dp, float sl2, float l2, float 
  * then going through the stack */
 inline __attribute__((always_inline)) void dkdv_step(float (*ak)[4], float (*av)[4],
                                                      __local const uint4 *frag, int stride,
-                                                     int key0, __local const uint4 *rw,
+                                                     int key0, __local const uint4 *stage,
                                                      __local const uint4 *rs, float sl2,
                                                      __local uint *wx) {
+  const int gid = (get_local_id(0) & 31) >> 2, tig = get_local_id(0) & 3;
+  __local const uint4 *rw = stage + gid * RLD8 + (tig ^ RSWZ(gid));
   float st[2][4], dpt[2][4];
   zero_tiles(st, 2);
   zero_tiles(dpt, 2);
@@ -227,7 +232,7 @@ inline __attribute__((always_inline)) void dkdv_step(float (*ak)[4], float (*av)
     }
   }
   warp_sync(wx);
-  dkdv_tail(ak, av, st, dpt, rw, rs, key0, sl2, wx);
+  dkdv_tail(ak, av, st, dpt, stage, rs, key0, sl2, wx);
 }
 
 /* Writes this warp's keys key0 + gid (+ 8), those below kend, as rows at + key - key0 of
@@ -235,21 +240,19 @@ inline __attribute__((always_inline)) void dkdv_step(float (*ak)[4], float (*av)
 inline __attribute__((always_inline)) void dkdv_write(__global float *dk, __global float *dv,
                                                       long at, long rstride, int key0, int kend,
                                                       float scale, float (*ak)[4], float (*av)[4]) {
-  const int lane = get_local_id(0) & 31, gid = lane >> 2, tig = lane & 3;
+  const int gid = (get_local_id(0) & 31) >> 2;
 #pragma unroll
   for (int kh = 0; kh < 2; kh++) {
     const int key = gid + 8 * kh;
     if (key0 + key >= kend) continue;
-    __global float *rk = dk + (at + key * rstride) * DK + 8 * tig;
-    __global float *rv = dv + (at + key * rstride) * DV + 8 * tig;
+    __global float *rk = dk + (at + key * rstride) * DK;
+    __global float *rv = dv + (at + key * rstride) * DV;
 #pragma unroll
     for (int n = 0; n < DK / 8; n++)
-      *(__global float2 *)(rk + 8 * (n & ~3) + 2 * (n & 3)) =
-          (float2)(scale * ak[n][2 * kh], scale * ak[n][2 * kh + 1]);
+      *(__global float2 *)(rk + ACC_DIM(n)) = (float2)(scale * ak[n][2 * kh], scale * ak[n][2 * kh + 1]);
 #pragma unroll
     for (int n = 0; n < DV / 8; n++)
-      *(__global float2 *)(rv + 8 * (n & ~3) + 2 * (n & 3)) =
-          (float2)(av[n][2 * kh], av[n][2 * kh + 1]);
+      *(__global float2 *)(rv + ACC_DIM(n)) = (float2)(av[n][2 * kh], av[n][2 * kh + 1]);
   }
 }
 
@@ -316,8 +319,10 @@ inline int cmp_blocks(long f, long fend, int G, int BS) {
 __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_compressed_mma(
     CTENSOR(Q_DT, q), CTENSOR(KC_DT, kc), CTENSOR(VC_DT, vc), CTENSOR(DO_DT, dout), CTENSOR(0, lse),
     __global float *ws, long gate_off, long delta_off, long dq_off, float scale, int BS, SEQ_ARGS) {
-  /* the staged tile: hi words of its CKT blocks, then their lo words (f32 k_cmp) */
-  __local uint4 kst[KC_TERMS * CKT * KLD8], vst[VC_TERMS * CKT * VLD8];
+  /* the staged tile: hi words of its CKT blocks, then their lo words (f32 k_cmp); k rows
+   * RSWZ-swizzled for the transposed reads of dq += dS Kc (mma_rows_ldm) */
+  __local uint4 kst[KC_TERMS * CKT * KLD8] __attribute__((aligned(16)));
+  __local uint4 vst[VC_TERMS * CKT * VLD8] __attribute__((aligned(16)));
   WARP_SCRATCH(wx);
   const cmp_seq sp = cmp_sequence(cu, nseq, TQ, NB, get_group_id(1));
   const int h = get_group_id(2), G = HQ / H, lid = get_local_id(0);
@@ -354,14 +359,14 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
     CQ_LOADS(kr8, kc, DK / 8);
     CQ_LOADS(vr8, vc, DV / 8);
     barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile consumed */
-    CQ_STORES(kr8, kst, DK / 8, KLD8, CK_SPLIT);
-    CQ_STORES(vr8, vst, DV / 8, VLD8, VC_TERMS == 2);
+    CQ_STORES(kr8, kst, DK / 8, KLD8, CK_SPLIT, 1);
+    CQ_STORES(vr8, vst, DV / 8, VLD8, VC_TERMS == 2, 0);
 #else
     barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile consumed */
     for (int x = lid; x < CKT * (DK / 8); x += 32 * CQ_NW) {
-      const int j = x / (DK / 8), u = x - j * (DK / 8);
+      const int j = x / (DK / 8), u = x - j * (DK / 8), us = u ^ RSWZ(j);
       split8(kc, TIDX(kc, sp.b, sp.c0 + min(k0 + j, kend - 1), h) + 8 * u, k0 + j < kend,
-             kst + j * KLD8 + u, kst + (CKT + j) * KLD8 + u);
+             kst + j * KLD8 + us, kst + (CKT + j) * KLD8 + us);
     }
     for (int x = lid; x < CKT * (DV / 8); x += 32 * CQ_NW) {
       const int j = x / (DV / 8), u = x - j * (DV / 8);
@@ -382,7 +387,7 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
     float s[CNT][4], dp[CNT][4];
 #pragma unroll
     for (int nt = 0; nt < CNT; nt++) {
-      __local const uint4 *kr = kst + (8 * nt + gid) * KLD8 + tig;
+      __local const uint4 *kr = kst + (8 * nt + gid) * KLD8 + (tig ^ RSWZ(gid));
       __local const uint4 *vr = vst + (8 * nt + gid) * VLD8 + tig;
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
       dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
@@ -416,11 +421,8 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
     for (int ks = 0; ks < CKT / 16; ks++) {
       const afrag a = pack_a(s[2 * ks], s[2 * ks + 1]);
 #pragma unroll
-      for (int x = 0; x < KC_TERMS; x++) {
-        __local const uint4 *kr = kst + (x * CKT + 16 * ks + gid) * KLD8 + tig;
-#pragma unroll
-        for (int c = 0; c < DKC; c++) mma_rows(acc + 4 * c, a, kr[4 * c], kr[8 * KLD8 + 4 * c], wx);
-      }
+      for (int x = 0; x < KC_TERMS; x++)
+        mma_rows_ldm(acc, a, kst + (x * CKT + 16 * ks) * KLD8, KLD8, 0, DK, wx);
     }
   }
 
@@ -430,10 +432,10 @@ __kernel __attribute__((reqd_work_group_size(32 * CQ_NW, 1, 1))) void bwd_dq_com
   for (int rh = 0; rh < 2; rh++) {
     if (lim[rh] == 0) continue; /* past the rows, or sees no block: adds 0 */
     const int hq = h * G + (int)((fw + gid + 8 * rh) % G);
-    __global float *row = dq + (((long)sp.b * TQ + tok[rh]) * HQ + hq) * DK + 8 * tig;
+    __global float *row = dq + (((long)sp.b * TQ + tok[rh]) * HQ + hq) * DK;
 #pragma unroll
     for (int n = 0; n < DK / 8; n++) {
-      __global float2 *at = (__global float2 *)(row + 8 * (n & ~3) + 2 * (n & 3));
+      __global float2 *at = (__global float2 *)(row + ACC_DIM(n));
       const float2 was = *at;
       *at = (float2)(was.x + scale * acc[n][2 * rh], was.y + scale * acc[n][2 * rh + 1]);
     }
@@ -470,7 +472,7 @@ inline __attribute__((always_inline)) uint4 kv_stage(__local uint4 *rows, bool c
     in[rh] = cmp_step_row(ts, gs, gid + 8 * rh, G, tlast, &t[rh], &g[rh]);
     if (copy) {
       const int tok = sp.t0 + t[rh], hq = h * G + g[rh];
-      stage_row_copy(rows + (gid + 8 * rh) * RLD8 + tig, q + TIDX(q, sp.b, tok, hq) + 8 * tig,
+      stage_row_copy(rows + (gid + 8 * rh) * RLD8 + (tig ^ RSWZ(gid)), q + TIDX(q, sp.b, tok, hq) + 8 * tig,
                      dout + TIDX(dout, sp.b, tok, hq) + 8 * tig, warp, CKV_NW);
     }
   }
@@ -580,8 +582,8 @@ __kernel __attribute__((reqd_work_group_size(32 * CKV_NW, 1, 1))) void bwd_dkdv_
     sc = kv_stage(rows + 16 * RLD8 * (cur ^ 1), s + 1 < nsteps, ts, gs, tlast, sp, h, G, BS,
                   TPASS(q), TPASS(dout), TPASS(lse), gate, delta, TQ, HQ);
     cp_async_commit();
-    dkdv_step(ak, av, kvl + lid, S, kw, rows + 16 * RLD8 * cur + gid * RLD8 + tig,
-              rsc + 16 * cur + 2 * tig, sl2, wx);
+    dkdv_step(ak, av, kvl + lid, S, kw, rows + 16 * RLD8 * cur, rsc + 16 * cur + 2 * tig, sl2,
+              wx);
   }
   cp_async_wait(0);
   /* the sequence read again: its c0 need not stay in a register through the walk */

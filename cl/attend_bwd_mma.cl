@@ -17,7 +17,9 @@
  * k-step s of a product that contracts over the head dim (in a permuted dim order, the
  * same for both operands), or, through movmatrix_t, the B fragment of a product that
  * contracts over rows (keys or queries), whose accumulator then holds the natural dims
- * 32c + 8tig + 2j + {0, 1} in its register 4c + j.
+ * 32c + 8tig + 2j + {0, 1} in its register 4c + j. Rows staged in local memory (the
+ * dk/dv kernels' q and do) give those B fragments by ldmatrix.trans instead
+ * (mma_rows_ldm), in natural dim order (accumulator n: dims 8n + 2tig + {0, 1}).
  *
  * bwd_dq_selected_mma: a group owns 16 query heads of one token (16 rows: one mma tile;
  * G < 16 leaves rows idle) and the token's selected key slots (deduplicated blocks back to
@@ -38,8 +40,8 @@
  * walks the chunk's tokens, all G heads each, in increasing order, 16 rows (f = token
  * index * G + g) per step. Warp w owns keys 16w .. 16w + 15 of the group: the key side is
  * the M dimension, S^T = K Q^T and dP^T = V do^T (A = k and v rows, B = q and do rows
- * directly), then dv += (g P)^T do and dk += dS^T Q (B = the do words kept from dP^T,
- * and the q rows loaded again, through movmatrix). Every key's dk and dv have one warp
+ * directly), then dv += (g P)^T do and dk += dS^T Q (B = the staged do and q rows read
+ * again, transposed by ldmatrix). Every key's dk and dv have one warp
  * as their only writer, accumulated in the fixed row order of the walk. The k and v A
  * fragments stay for the whole walk; they wait in local memory (each lane its own slots,
  * in mma register order, so no synchronisation) to leave the registers to the two
@@ -378,15 +380,43 @@ inline void mma_dims_kv(float *acc, uint4 a0, uint4 a1, uint4 b, __local uint *w
  * units 4c + tig) hit distinct banks. Next to it, per row (lse, delta, gate as f32 bits,
  * lim): keys below lim see the row (lim = 0 past the walk). */
 #define RLD8 (((DK + DV) / 8) | 4)
+/* ... and swizzled for the tail's ldmatrix: unit u of row r sits at u ^ RSWZ(r) (an XOR
+ * below 4 keeps a unit in its aligned four), so that an ldmatrix matrix (8 consecutive
+ * rows at one unit) falls in 8 distinct bank groups as the 16-byte reads still do. */
+#define RSWZ(r) (((r) >> 1) & 3)
+/* This lane's element 0 of accumulator tile n of dk or dv: dim 8n + 2tig (the tail's
+ * ldmatrix gives B fragments in natural dim order). */
+#define ACC_DIM(n) (8 * (n) + 2 * (get_local_id(0) & 3))
+
+/* acc[n] (natural dims 8n + 2tig) += A R for n < D / 8, R = 16 rows x D dims of local
+ * memory: row r at rows + r * ld (RSWZ-swizzled), dims from unit u0 (a multiple of 4),
+ * read transposed by ldmatrix (the B fragments of a product contracting over rows). Lane
+ * 8i + r gives row 8 (i & 1) + r at dims 16p + 8 (i >> 1), so one instruction holds b0,
+ * b1 of n-tiles 2p and 2p + 1; that logical unit sits at 4 (p >> 1) + ((2 (p & 1) + (i >>
+ * 1)) ^ RSWZ(row)). */
+inline __attribute__((always_inline)) void mma_rows_ldm(float (*acc)[4], afrag a,
+                                                        __local const uint4 *rows, int ld,
+                                                        int u0, const int D, __local uint *wx) {
+  const int lane = get_local_id(0) & 31, lr = 8 * ((lane >> 3) & 1) + (lane & 7);
+  __local const uint4 *row = rows + lr * ld + u0;
+  const int ue = (lane >> 4) ^ RSWZ(lr), uo = (2 + (lane >> 4)) ^ RSWZ(lr);
+#pragma unroll
+  for (int p = 0; p < D / 16; p++) {
+    const uint4 b = ldmatrix_x4_t(row + 4 * (p >> 1) + ((p & 1) ? uo : ue), wx);
+    mma_16816(acc[2 * p], a.a0, a.a1, a.a2, a.a3, b.x, b.y, wx);
+    mma_16816(acc[2 * p + 1], a.a0, a.a1, a.a2, a.a3, b.z, b.w, wx);
+  }
+}
 
 /* The end of a dk/dv step of either dk/dv kernel: st = S^T and dpt = dP^T of this warp's
  * keys key0 + gid (+ 8) against the step's rows 8nt + 2tig + x become g P and dS, from
  * the rows' staged scalars rs[8nt + x] (lse, delta, gate bits, lim: keys below lim see
- * the row); then dv += (g P)^T do and dk += dS^T Q with B = the staged rows again
- * through movmatrix (rw: the stage's row gid at unit tig). */
+ * the row); then dv += (g P)^T do and dk += dS^T Q with B = the staged rows again, read
+ * transposed by ldmatrix (stage: the step's first row), one instruction for two n-tiles,
+ * where 16-byte reads and movmatrix took one movmatrix per mma. */
 inline __attribute__((always_inline)) void dkdv_tail(float (*ak)[4], float (*av)[4],
                                                      float (*st)[4], float (*dpt)[4],
-                                                     __local const uint4 *rw,
+                                                     __local const uint4 *stage,
                                                      __local const uint4 *rs, int key0,
                                                      float sl2, __local uint *wx) {
   const int gid = (get_local_id(0) & 31) >> 2;
@@ -410,11 +440,8 @@ inline __attribute__((always_inline)) void dkdv_tail(float (*ak)[4], float (*av)
     }
   }
   const afrag apg = pack_a(st[0], st[1]), ads = pack_a(dpt[0], dpt[1]);
-#pragma unroll
-  for (int c = 0; c < DVC; c++)
-    mma_rows(av + 4 * c, apg, rw[DK / 8 + 4 * c], rw[8 * RLD8 + DK / 8 + 4 * c], wx);
-#pragma unroll
-  for (int c = 0; c < DKC; c++) mma_rows(ak + 4 * c, ads, rw[4 * c], rw[8 * RLD8 + 4 * c], wx);
+  mma_rows_ldm(av, apg, stage, RLD8, DK / 8, DV, wx);
+  mma_rows_ldm(ak, ads, stage, RLD8, 0, DK, wx);
 }
 
 #ifndef TPASS
@@ -458,7 +485,7 @@ sel_stage(__local uint4 *rows, bool copy, int f0, int nrows, __local const int *
     r[rh] = walk_row(f0 + gid + 8 * rh, nrows, list, h, G);
     if (copy) {
       const long tok = blk.kstart + r[rh].t;
-      stage_row_copy(rows + (gid + 8 * rh) * RLD8 + tig,
+      stage_row_copy(rows + (gid + 8 * rh) * RLD8 + (tig ^ RSWZ(gid)),
                      q + TIDX(q, blk.b, tok, r[rh].hq) + 8 * tig,
                      dout + TIDX(dout, blk.b, tok, r[rh].hq) + 8 * tig, warp, KV_NW);
     }
@@ -563,9 +590,11 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
       sc = sel_stage(rows + 16 * RLD8 * (cur ^ 1), s + 1 < nsteps, 16 * (s + 1), nrows, list,
                      blk, h, G, kend, TPASS(q), TPASS(dout), TPASS(lse), gate, delta, TQ, HQ);
       cp_async_commit();
-      /* rw: the stage's row gid at unit tig (row 8nt + gid, a B column, at rw[8nt RLD8]);
-       * rsc0: the scalars of row 2tig (row 8nt + 2tig + x, a C column, at rsc0[8nt + x]) */
-      __local const uint4 *rw = rows + 16 * RLD8 * cur + gid * RLD8 + tig;
+      /* rw: the stage's row gid at unit tig (row 8nt + gid, a B column, at rw[8nt RLD8];
+       * RSWZ(gid + 8) = RSWZ(gid)); rsc0: the scalars of row 2tig (row 8nt + 2tig + x, a C
+       * column, at rsc0[8nt + x]) */
+      __local const uint4 *stage = rows + 16 * RLD8 * cur;
+      __local const uint4 *rw = stage + gid * RLD8 + (tig ^ RSWZ(gid));
       __local const uint4 *rsc0 = rsc + 16 * cur + 2 * tig;
       /* S^T = K Q^T and dP^T = V do^T over the step's rows: n-tile nt is rows 8nt .. 8nt
        * + 7; each A fragment read once for both tiles (each tile's sums keep their order) */
@@ -593,7 +622,7 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
           mma_dims_kv(dpt[nt], a0, a1, rw[8 * nt * RLD8 + DK / 8 + 4 * c], wx);
       }
       warp_sync(wx);
-      dkdv_tail(ak, av, st, dpt, rw, rsc0, kw, sl2, wx);
+      dkdv_tail(ak, av, st, dpt, stage, rsc0, kw, sl2, wx);
     }
   }
   cp_async_wait(0);
@@ -608,16 +637,16 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
   for (int kh = 0; kh < 2; kh++) {
     const int key = gid + 8 * kh;
     if (kw + key >= kend) continue;
-    __global float *rk = dk + (base + key) * DK + 8 * tig, *rv = dv + (base + key) * DV + 8 * tig;
+    __global float *rk = dk + (base + key) * DK, *rv = dv + (base + key) * DV;
 #pragma unroll
     for (int n = 0; n < DK / 8; n++) {
-      rk[8 * (n & ~3) + 2 * (n & 3)] = scale * ak[n][2 * kh];
-      rk[8 * (n & ~3) + 2 * (n & 3) + 1] = scale * ak[n][2 * kh + 1];
+      rk[ACC_DIM(n)] = scale * ak[n][2 * kh];
+      rk[ACC_DIM(n) + 1] = scale * ak[n][2 * kh + 1];
     }
 #pragma unroll
     for (int n = 0; n < DV / 8; n++) {
-      rv[8 * (n & ~3) + 2 * (n & 3)] = av[n][2 * kh];
-      rv[8 * (n & ~3) + 2 * (n & 3) + 1] = av[n][2 * kh + 1];
+      rv[ACC_DIM(n)] = av[n][2 * kh];
+      rv[ACC_DIM(n) + 1] = av[n][2 * kh + 1];
     }
   }
 }
