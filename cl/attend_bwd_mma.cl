@@ -661,6 +661,9 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
 #endif
 #define KVQ_LD8(ld, j, u) ((j) * (ld) + ((ld) % 8 == 0 ? (u) ^ (((j) & 1) << 2) : (u)))
 #define KVQ_KEYS ((KVQ_BS + 15) / 16 * 16) /* staged rows: whole 16-key steps */
+/* staged k rows: (DK / 8) | 4 units (4 mod 8), RSWZ-swizzled as the dk/dv stages, for
+ * the transposed reads of dq += dS K (mma_rows_ldm) */
+#define KVQ_KLD ((DK / 8) | 4)
 
 /* bwd_dq_selected_kvm_mma: the selected branch's dq turned around, for small G (where a
  * query-major group of 16 rows packs 16/G tokens whose block lists barely overlap, so
@@ -670,7 +673,7 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
  * and walks the chunk's rows (token x, head g at x G + g) in steps of 16, step s on warp
  * s % KVQ_NW: S = Q K^T and dP = do V^T over the block's keys (A = the rows' q and do
  * from global memory, B = the staged rows), dS as in bwd_dq_selected_mma, and dq over
- * this block alone = scale dS K (B = the same staged K words through movmatrix), written
+ * this block alone = scale dS K (B = the staged K rows read transposed by ldmatrix), written
  * to the row's partial slot: the first slot of its token's block_indices row naming the
  * block. bwd_dq_merge (cl/selected_merge.cl) then sums a row's valid slots in slot order,
  * as the query-major kernel's warps are summed in warp order. */
@@ -680,7 +683,7 @@ __kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_se
     __global const int *sel, long offsets_off, long slot_row_off, long slot_word_off,
     __global float *ws, long gate_off, long delta_off, long part_off, float scale, int S,
     SEQ_ARGS) {
-  __local uint4 kst[KVQ_KEYS * (DK / 8)] __attribute__((aligned(16)));
+  __local uint4 kst[KVQ_KEYS * KVQ_KLD] __attribute__((aligned(16)));
   __local uint4 vst[KVQ_KEYS * (DV / 8)] __attribute__((aligned(16)));
   __local int list[MASK_WORDS * 32], tslot[MASK_WORDS * 32];
   __local uint words[MASK_WORDS];
@@ -702,7 +705,7 @@ __kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_se
   for (int i = lid; i < KVQ_KEYS * (DK / 8); i += 32 * KVQ_NW) {
     const int j = i / (DK / 8), u = i - j * (DK / 8);
     const uint4 w = LD8(k, TIDX(k, blk.b, blk.kstart + c0 + min(j, nkeys - 1), h) + 8 * u, true);
-    kst[KVQ_LD8(DK / 8, j, u)] = j < nkeys ? w : (uint4)(0u);
+    kst[j * KVQ_KLD + (u ^ RSWZ(j))] = j < nkeys ? w : (uint4)(0u);
   }
 #pragma unroll 4
   for (int i = lid; i < KVQ_KEYS * (DV / 8); i += 32 * KVQ_NW) {
@@ -751,17 +754,14 @@ __kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_se
       for (int n = 0; n < DK / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
       for (int k0 = 0; k0 < nkeys; k0 += 16) {
         float s[2][4], dp[2][4];
-        uint4 kt[2][DKC];
 #pragma unroll
         for (int nt = 0; nt < 2; nt++) {
-          const int key = k0 + 8 * nt + gid;
+          const int key = k0 + 8 * nt + gid; /* RSWZ(key) = RSWZ(gid) */
           s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
           dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
 #pragma unroll
-          for (int c = 0; c < DKC; c++) {
-            kt[nt][c] = kst[KVQ_LD8(DK / 8, key, 4 * c + tig)];
-            mma_dims(s[nt], qf[c][0], qf[c][1], kt[nt][c], wx);
-          }
+          for (int c = 0; c < DKC; c++)
+            mma_dims(s[nt], qf[c][0], qf[c][1], kst[key * KVQ_KLD + ((4 * c + tig) ^ RSWZ(gid))], wx);
 #pragma unroll
           for (int c = 0; c < DVC; c++)
             mma_dims(dp[nt], dof[c][0], dof[c][1], vst[KVQ_LD8(DV / 8, key, 4 * c + tig)], wx);
@@ -777,20 +777,18 @@ __kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_se
             s[nt][e] = p * (gt[rh] * dp[nt][e] - del[rh]);
           }
         }
-        const afrag a = pack_a(s[0], s[1]);
-#pragma unroll
-        for (int c = 0; c < DKC; c++) mma_rows(acc + 4 * c, a, kt[0][c], kt[1][c], wx);
+        mma_rows_ldm(acc, pack_a(s[0], s[1]), kst + k0 * KVQ_KLD, KVQ_KLD, 0, DK, wx);
       }
-      /* acc[4c + j][e]: row gid + 8 (e >> 1), dim 32c + 8tig + 2j + (e & 1) */
+      /* acc[n][e]: row gid + 8 (e >> 1), dim ACC_DIM(n) + (e & 1) */
       __global float *part = ws + part_off;
 #pragma unroll
       for (int rh = 0; rh < 2; rh++) {
         if (tpos[rh] < 0) continue;
-        __global float *pr = part + rrow[rh] * DK + 8 * tig;
+        __global float *pr = part + rrow[rh] * DK;
 #pragma unroll
         for (int n = 0; n < DK / 8; n++) {
-          pr[8 * (n & ~3) + 2 * (n & 3)] = scale * acc[n][2 * rh];
-          pr[8 * (n & ~3) + 2 * (n & 3) + 1] = scale * acc[n][2 * rh + 1];
+          pr[ACC_DIM(n)] = scale * acc[n][2 * rh];
+          pr[ACC_DIM(n) + 1] = scale * acc[n][2 * rh + 1];
         }
       }
     }

@@ -105,7 +105,8 @@ static void scratch_layout(const nsa_dims *d, bool kvq, bwd_layout *l) {
 }
 
 /* Warps per group of bwd_dq_selected_kvm_mma and the local bytes it declares (staged K
- * and V rows of a block in whole 16-key steps, two mask windows of tokens, their words).
+ * and V rows of a block in whole 16-key steps, K rows padded to (DK / 8) | 4 units of 16
+ * bytes: KVQ_KLD; two mask windows of tokens, their words).
  * Two warps: more groups per SM (H100, bf16, 64k: backward 15.6 -> 13.5 ms at G = 1,
  * 35.2 -> 33.7 at G = 4, against four; within 1.5 % at 16k). */
 static int kvq_warps(bool emulate) {
@@ -113,7 +114,8 @@ static int kvq_warps(bool emulate) {
 }
 static size_t kvq_local_bytes(const nsa_dims *d, bool emulate) {
   const size_t keys = ((size_t)d->BS + 15) / 16 * 16;
-  return 2 * keys * (size_t)(d->DK + d->DV) + 2 * 4 * 32 * (size_t)BWD_MMA_MASK_WORDS +
+  return keys * (16 * (size_t)((d->DK / 8) | 4) + 2 * (size_t)d->DV) +
+         2 * 4 * 32 * (size_t)BWD_MMA_MASK_WORDS +
          4 * (size_t)BWD_MMA_MASK_WORDS + (emulate ? 4 * 32 * 6 : 0);
 }
 
