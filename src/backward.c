@@ -364,7 +364,9 @@ static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool 
   if (p->kv_nw > per_block) p->kv_nw = per_block;
   if (ctx->info.local_mem <= 1024) return false;
   const size_t scratch = emulate ? 4 * 32 * 6 : 0, room = ctx->info.local_mem - 1024;
-  const size_t dq_bytes = 4 * (3 * (size_t)CLNSA_MAX_BLOCK_COUNT + 16 * ((size_t)d->DK + 4));
+  /* the selected dq: its selection list, merge rows and q / do A fragments (DQ_QLOCAL) */
+  const size_t dq_bytes = 4 * (3 * (size_t)CLNSA_MAX_BLOCK_COUNT + 16 * ((size_t)d->DK + 4)) +
+                          16 * 2 * 32 * (size_t)(d->DK / 32 + d->DV / 32);
   const size_t kv_list = 4 * 33 * (size_t)BWD_MMA_MASK_WORDS + dkdv_stage_bytes(d);
   const size_t kv_warp = sel_dkdv_warp_bytes(d);
   while (p->kv_nw > 1 && (kv_list + kv_warp * p->kv_nw + scratch > room || per_block % p->kv_nw))
