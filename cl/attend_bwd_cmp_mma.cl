@@ -249,7 +249,8 @@ inline __attribute__((always_inline)) void dkdv_write(__global float *dk, __glob
     __global float *rv = dv + (at + key * rstride) * DV;
 #pragma unroll
     for (int n = 0; n < DK / 8; n++)
-      *(__global float2 *)(rk + ACC_DIM(n)) = (float2)(scale * ak[n][2 * kh], scale * ak[n][2 * kh + 1]);
+      *(__global float2 *)(rk + ACC_DIM(n)) =
+          (float2)(scale * ak[n][2 * kh], scale * ak[n][2 * kh + 1]);
 #pragma unroll
     for (int n = 0; n < DV / 8; n++)
       *(__global float2 *)(rv + ACC_DIM(n)) = (float2)(av[n][2 * kh], av[n][2 * kh + 1]);
@@ -472,7 +473,8 @@ inline __attribute__((always_inline)) uint4 kv_stage(__local uint4 *rows, bool c
     in[rh] = cmp_step_row(ts, gs, gid + 8 * rh, G, tlast, &t[rh], &g[rh]);
     if (copy) {
       const int tok = sp.t0 + t[rh], hq = h * G + g[rh];
-      stage_row_copy(rows + (gid + 8 * rh) * RLD8 + (tig ^ RSWZ(gid)), q + TIDX(q, sp.b, tok, hq) + 8 * tig,
+      stage_row_copy(rows + (gid + 8 * rh) * RLD8 + (tig ^ RSWZ(gid)),
+                     q + TIDX(q, sp.b, tok, hq) + 8 * tig,
                      dout + TIDX(dout, sp.b, tok, hq) + 8 * tig, warp, CKV_NW);
     }
   }

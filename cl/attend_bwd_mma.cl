@@ -761,7 +761,8 @@ __kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_se
           dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
 #pragma unroll
           for (int c = 0; c < DKC; c++)
-            mma_dims(s[nt], qf[c][0], qf[c][1], kst[key * KVQ_KLD + ((4 * c + tig) ^ RSWZ(gid))], wx);
+            mma_dims(s[nt], qf[c][0], qf[c][1],
+                     kst[key * KVQ_KLD + ((4 * c + tig) ^ RSWZ(gid))], wx);
 #pragma unroll
           for (int c = 0; c < DVC; c++)
             mma_dims(dp[nt], dof[c][0], dof[c][1], vst[KVQ_LD8(DV / 8, key, 4 * c + tig)], wx);

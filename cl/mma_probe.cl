@@ -32,7 +32,8 @@ __kernel __attribute__((reqd_work_group_size(32, 1, 1))) void mma_probe(__global
   const uint p = pack2(1.5f, -2.0f);
   /* row lane % 8 of matrix lane / 8: element j is 64 (lane / 8) + 8 (lane % 8) + j */
   uint w[4];
-  for (int j = 0; j < 4; j++) w[j] = pack2((float)(8 * lane + 2 * j), (float)(8 * lane + 2 * j + 1));
+  for (int j = 0; j < 4; j++)
+    w[j] = pack2((float)(8 * lane + 2 * j), (float)(8 * lane + 2 * j + 1));
   rows[lane] = (uint4)(w[0], w[1], w[2], w[3]);
   barrier(CLK_LOCAL_MEM_FENCE);
   const uint4 lm = ldmatrix_x4_t(rows + lane, wx);

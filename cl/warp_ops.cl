@@ -95,6 +95,9 @@ inline uint movmatrix_t(uint a, __local uint *x) {
   return d;
 }
 
+/* volatile, but no "memory" clobber: every caller orders its stores to the rows and
+ * these reads by barriers or warp_sync (whose asm has one); the clobber made the
+ * compiler reload values around each read (ptxas, compressed attention: more spills) */
 inline uint4 ldmatrix_x4_t(__local const uint4 *row, __local uint *x) {
   (void)x;
   uint4 d;
@@ -214,7 +217,8 @@ inline uint movmatrix_t(uint a, __local uint *x) {
 inline uint4 ldmatrix_x4_t(__local const uint4 *row, __local uint *x) {
   const int lane = get_local_id(0) & 31, gid = lane >> 2, tig = lane & 3;
   const uint4 mine = *row;
-  x[4 * lane] = mine.x, x[4 * lane + 1] = mine.y, x[4 * lane + 2] = mine.z, x[4 * lane + 3] = mine.w;
+  x[4 * lane] = mine.x, x[4 * lane + 1] = mine.y;
+  x[4 * lane + 2] = mine.z, x[4 * lane + 3] = mine.w;
   barrier(CLK_LOCAL_MEM_FENCE);
   uint d[4];
   for (int i = 0; i < 4; i++) {
