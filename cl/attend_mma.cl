@@ -117,9 +117,9 @@
 #ifndef WGMMA
 #define WGMMA 0
 #endif
-#ifndef VLDM /* 1: staged V fragments by ldmatrix.trans, not 16-byte reads and movmatrix */
+/* staged V fragments by ldmatrix.trans (the mma.sync staged modes; WGMMA reads its tiles
+ * itself, MODE 2 has none staged) */
 #define VLDM (STAGE && !WGMMA)
-#endif
 #ifndef STAGE_BATCH /* 1: a staged tile's loads all issued before its first store (MODE 0/1/3) */
 #define STAGE_BATCH (MODE != 2 && !V_LO)
 #endif
@@ -141,9 +141,6 @@
 #endif
 #if WARP_EMULATE && NW != 1
 #error "attend_mma.cl: the warp emulation runs one warp per group"
-#endif
-#if VLDM && (!STAGE || WGMMA)
-#error "attend_mma.cl: VLDM reads staged mma.sync tiles"
 #endif
 #if STAGE_BATCH && (MODE == 2 || V_LO)
 #error "attend_mma.cl: STAGE_BATCH is for the staged modes without V_SPLIT"
@@ -192,7 +189,7 @@
 #if VLDM
 #define VROW (VLD8 + 1)
 #define SWZV(ld, j, u) ((j) * ((ld) + 1) + (u))
-#else
+#else /* WGMMA's core matrices, or MODE 2 (nothing staged) */
 #define VROW VLD8
 #define SWZV(ld, j, u) SWZ(ld, j, u)
 #endif
@@ -633,23 +630,15 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #endif
         }
       }
-#else
-#if !VEARLY && !STAGE
+#else /* MODE 2: V from global memory, through movmatrix */
+#if !VEARLY
       const int klo8 = k0 + 16 * ks + gid, khi8 = klo8 + 8;
       const long atl = TIDX(v, grp.b, key_row(min(klo8, khi - 1), grp.krow0, list), h) + 8 * tig;
       const long ath = TIDX(v, grp.b, key_row(min(khi8, khi - 1), grp.krow0, list), h) + 8 * tig;
 #endif
 #pragma unroll
       for (int c = 0; c < DVC; c++) {
-#if STAGE
-        pairs8 vl, vh;
-        vl.hi = vtile[SWZV(VLD8, 16 * ks + gid, 4 * c + tig)];
-        vh.hi = vtile[SWZV(VLD8, 16 * ks + 8 + gid, 4 * c + tig)];
-#if V_LO
-        vl.lo = vtile_lo[SWZV(VLD8, 16 * ks + gid, 4 * c + tig)];
-        vh.lo = vtile_lo[SWZV(VLD8, 16 * ks + 8 + gid, 4 * c + tig)];
-#endif
-#elif VEARLY
+#if VEARLY
         const pairs8 vl = vlo[ks][c], vh = vhi[ks][c];
 #else
         const pairs8 vl = LOAD8(V_DT, v, atl + 32 * c, klo8 < khi);
