@@ -676,13 +676,16 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
  * this block alone = scale dS K (B = the staged K rows read transposed by ldmatrix), written
  * to the row's partial slot: the first slot of its token's block_indices row naming the
  * block. bwd_dq_merge (cl/selected_merge.cl) then sums a row's valid slots in slot order,
- * as the query-major kernel's warps are summed in warp order. */
+ * as the query-major kernel's warps are summed in warp order. A launch is one pass over
+ * the tokens b TQ + t in [r0, r1) (src/backward.c bounds the partials' bytes by passes):
+ * a chunk walks only its mask words that hold them, token (b TQ + t) writes partial row
+ * (b TQ + t - r0) HQ + hq, and a chunk with none of them exits before staging its block. */
 __kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_selected_kvm_mma(
     CTENSOR(Q_DT, q), CTENSOR(K_DT, k), CTENSOR(V_DT, v), CTENSOR(DO_DT, dout),
     CTENSOR(0, lse), CITENSOR(bi), __global const uint *mask, long mask_off, int NCH,
     __global const int *sel, long offsets_off, long slot_row_off, long slot_word_off,
-    __global float *ws, long gate_off, long delta_off, long part_off, float scale, int S,
-    SEQ_ARGS) {
+    __global float *ws, long gate_off, long delta_off, long part_off, long r0, long r1,
+    float scale, int S, SEQ_ARGS) {
   __local uint4 kst[KVQ_KEYS * KVQ_KLD] __attribute__((aligned(16)));
   __local uint4 vst[KVQ_KEYS * (DV / 8)] __attribute__((aligned(16)));
   __local int list[MASK_WORDS * 32], tslot[MASK_WORDS * 32];
@@ -697,7 +700,14 @@ __kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_se
   const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5;
   const int gid = lane >> 2, tig = lane & 3, G = HQ / H;
   __global const float *gate = ws + gate_off, *delta = ws + delta_off;
-  (void)TQ;
+  /* this pass's tokens of the chunk's sequence, [tlo, thi), and their mask words */
+  const long sb = (long)blk.b * TQ + blk.kstart;
+  const int tlo = (int)clamp(r0 - sb, 0L, (long)blk.tk);
+  const int thi = (int)clamp(r1 - sb, 0L, (long)blk.tk);
+  const int wnext = slot + 1 < offsets[srow + 1] ? sel[slot_word_off + slot + 1]
+                                                 : (blk.tk + 31) / 32;
+  const int wfirst = max(sel[slot_word_off + slot], tlo / 32), wend = min(wnext, (thi + 31) / 32);
+  if (wfirst >= wend) return; /* none of the pass's tokens: the whole group */
 
   /* the block's K and V rows, zeros past its keys (P is 0 there; no NaN enters); rows
    * clamped into the block, so that every load is valid and four are in flight at once */
@@ -715,9 +725,8 @@ __kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_se
   }
   const float sl2 = scale * M_LOG2E_F;
   __global const uint *mrow = mask + mask_off + (long)srow * NCH;
-  const int wend = slot + 1 < offsets[srow + 1] ? sel[slot_word_off + slot + 1] : (blk.tk + 31) / 32;
-  for (int w0 = sel[slot_word_off + slot]; w0 < wend; w0 += MASK_WORDS) {
-    const int ntok = mask_expand(mrow, w0, wend, words, list), nrows = ntok * G;
+  for (int w0 = wfirst; w0 < wend; w0 += MASK_WORDS) {
+    const int ntok = mask_expand_in(mrow, w0, wend, tlo, thi, words, list), nrows = ntok * G;
     /* each token's first slot naming the block, one (token, slot) pair an item */
     for (int x = lid; x < ntok; x += 32 * KVQ_NW) tslot[x] = S - 1;
     barrier(CLK_LOCAL_MEM_FENCE);
@@ -739,7 +748,7 @@ __kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_se
         const int hq = h * G + min(f, nrows - 1) - x * G;
         const long tok = blk.kstart + list[x], rs = ((long)blk.b * TQ + tok) * HQ + hq;
         tpos[rh] = ok ? list[x] : -1;
-        rrow[rh] = rs * S + tslot[x];
+        rrow[rh] = (rs - r0 * HQ) * S + tslot[x];
         lse2[rh] = ok ? lse[TIDX(lse, blk.b, tok, hq)] * M_LOG2E_F : 0.0f;
         del[rh] = ok ? delta[rs] : 0.0f;
         gt[rh] = ok ? gate[rs] : 0.0f;

@@ -77,14 +77,15 @@ __kernel __attribute__((reqd_work_group_size(DV / 4, RPG, 1))) void selected_mer
   if (d4 == 0) lse[TIDX(lse, q.b, q.t, hq)] = lse_row;
 }
 
+/* Rows R0 .. R0 + nrows - 1 (one pass of the kv-block-major dq: partial row R - R0). */
 __kernel __attribute__((reqd_work_group_size(WIDTH / 4, RPG, 1))) void bwd_dq_merge(
-    CITENSOR(bi), __global float *ws, long part, long dq, int S, SEQ_ARGS) {
+    CITENSOR(bi), __global float *ws, long part, long dq, int S, long R0, long nrows, SEQ_ARGS) {
   __local uchar valid_all[RPG][MAX_S];
   __local uchar *valid = valid_all[get_local_id(1)];
-  const long R = get_global_id(1);
+  const long i = get_global_id(1), R = i < nrows ? R0 + i : (long)B * TQ * HQ; /* else none */
   (void)merge_slots(TPASS(bi), R, S, valid, SEQ_PASS);
   if (R >= (long)B * TQ * HQ) return;
-  __global const float *pp = ws + part + R * S * WIDTH + 4 * get_local_id(0);
+  __global const float *pp = ws + part + i * S * WIDTH + 4 * get_local_id(0);
   float4 acc = (float4)(0.0f);
   for (int x = 0; x < S; x++)
     if (valid[x]) acc += vload4(0, pp + (long)x * WIDTH);

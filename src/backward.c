@@ -42,7 +42,8 @@
  *        compressed partials [P, NC, DK], [P, NC, DV]  dk_cmp [NC, DK]  dv_cmp [NC, DV]
  *        selected partials [SLOTS, BS, DK], [SLOTS, BS, DV]
  *   u32/i32: mask [NC, NCH]  counts [NC]  offsets [NC + 1]  slot_row, slot_word [SLOTS]
- *   f32, where the kv-block-major dq may run (kvq_possible): dq partials [NR, S, DK]
+ *   f32, where the kv-block-major dq may run (kvq_pass_tokens): dq partials [PT HQ, S, DK]
+ *        for one pass of PT tokens (b TQ + t) at a time
  * Every kernel is built before the first launch, so a build failure enqueues nothing. */
 #include <stdlib.h>
 #include <string.h>
@@ -57,12 +58,17 @@
 #define CMP_CHUNK_MIN 256     /* tokens per chunk of the compressed key-side work, at least */
 #define CMP_CHUNKS_MAX 32     /* and at most this many chunks */
 
+static size_t ceil_div(size_t a, size_t b) {
+  return (a + b - 1) / b;
+}
+
 /* ---- scratch layout ---- */
 typedef struct bwd_layout {
   /* bytes from the scratch start */
   size_t gate, delta, dq, win_k, win_v, cmp_pk, cmp_pv, cmp_k, cmp_v, sel_k, sel_v;
   size_t mask, counts, offsets, slot_row, slot_word;
-  size_t part_dq; /* kv-block-major selected dq: [NR, S, DK] partials (0: not reserved) */
+  size_t part_dq; /* kv-block-major selected dq: [kvq_tokens HQ, S, DK] partials */
+  size_t kvq_tokens; /* tokens (b TQ + t) a pass of that dq covers; 0: no partials */
   size_t end;
   int nch;        /* mask words per row */
   int cmp_chunks; /* P */
@@ -74,7 +80,7 @@ static int longest_sequence(const nsa_dims *d) {
   return d->seqs ? d->seqs->max_q : d->TQ;
 }
 
-static void scratch_layout(const nsa_dims *d, bool kvq, bwd_layout *l) {
+static void scratch_layout(const nsa_dims *d, size_t kvq_tokens, bwd_layout *l) {
   const size_t nr = (size_t)d->B * d->TQ * d->HQ, nk = (size_t)d->B * d->TK * d->H;
   const size_t nc = (size_t)d->B * d->NB * d->H, len = (size_t)longest_sequence(d);
   size_t p = (len + CMP_CHUNK_MIN - 1) / CMP_CHUNK_MIN;
@@ -100,7 +106,8 @@ static void scratch_layout(const nsa_dims *d, bool kvq, bwd_layout *l) {
   l->offsets = ws_reserve(&at, nc + 1);
   l->slot_row = ws_reserve(&at, l->slots);
   l->slot_word = ws_reserve(&at, l->slots);
-  l->part_dq = kvq ? ws_reserve(&at, nr * (size_t)d->S * d->DK) : 0;
+  l->kvq_tokens = kvq_tokens;
+  l->part_dq = kvq_tokens ? ws_reserve(&at, kvq_tokens * d->HQ * (size_t)d->S * d->DK) : 0;
   l->end = at;
 }
 
@@ -129,26 +136,49 @@ static bool bwd_mma_qkv_fit(const nsa_dims *d, const clnsa_inputs *in) {
          tensor_rows_aligned16(in->v, d->DV);
 }
 
-/* Whether the selected dq may run kv-block-major (bwd_dq_selected_kvm_mma), so that its
- * partials are reserved: small G (CLNSA_TUNE KVQ_MAX_G; BWD_KVQ=0 turns it off) on the
- * tensor-core path, q, k and v of one 16-bit type in the shapes the tensor-core kernels
- * take, the block in local memory, and the scratch with the partials within one buffer
- * (ws_scratch_room: B TQ HQ S DK floats, 17 GB at G = 8, T = 65536, D = 128). The
+#define KVQ_PASS_MIN 1024 /* fewer tokens a pass: the query-major dq runs instead */
+
+/* Whether the selected dq may run kv-block-major (bwd_dq_selected_kvm_mma), and the
+ * tokens (b TQ + t) of each of its passes, so that its partials are reserved (0: not):
+ * small G (CLNSA_TUNE KVQ_MAX_G; BWD_KVQ=0 turns it off) on the tensor-core path, q, k
+ * and v of one 16-bit type in the shapes the tensor-core kernels take, the block in local
+ * memory, and a pass's partials (PT HQ S DK floats) with the rest of the scratch within
+ * one buffer (ws_scratch_room). As few passes as fit: each pass costs its chunks' setup
+ * and a tail (H200, bf16, G = 8, D = 128: backward 53.6 ms at T = 65536 in one pass,
+ * 61.3 in eight of 2 GiB, 66.7 query-major; 10.9 / 12.2 / 14.0 at 16k with three). At G = 8,
+ * T = 65536 all partials at once are 17 GB, more than the H100's largest buffer (19.79
+ * GiB) holds beside the rest: two passes there. CLNSA_TUNE KVQ_PART_MB=n caps a pass's
+ * partials at n MiB, KVQ_PASS=n its tokens (tests: many passes on small shapes). The
  * backward then takes it if d_o qualifies too (bwd_mma_fits). */
-static clnsa_status kvq_possible(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
-                                 bool *kvq) {
-  *kvq = false;
+static clnsa_status kvq_pass_tokens(clnsa_context *ctx, const nsa_dims *d,
+                                    const clnsa_inputs *in, size_t *tokens) {
+  *tokens = 0;
   if (d->G > tuning_env_int("KVQ_MAX_G", 8, 0) || !tuning_env_int("BWD_KVQ", 1, 0) ||
       !bwd_mma_qkv_fit(d, in))
     return CLNSA_SUCCESS;
   int mode = MMA_OFF;
   CHECK_STATUS(mma_mode(ctx, &mode));
   const bool emulate = mode == MMA_EMULATED;
+  if (mode == MMA_OFF || (size_t)(32 * kvq_warps(emulate)) > ctx->info.max_wg ||
+      kvq_local_bytes(d, emulate) + 1024 > (size_t)ctx->info.local_mem)
+    return CLNSA_SUCCESS;
   bwd_layout l;
-  scratch_layout(d, true, &l);
-  *kvq = mode != MMA_OFF && (size_t)(32 * kvq_warps(emulate)) <= ctx->info.max_wg &&
-         kvq_local_bytes(d, emulate) + 1024 <= (size_t)ctx->info.local_mem &&
-         l.end <= ws_scratch_room(ctx, d, in);
+  scratch_layout(d, 0, &l);
+  const size_t room = ws_scratch_room(ctx, d, in), all = (size_t)d->B * d->TQ;
+  const size_t per_token = 4 * (size_t)d->HQ * d->S * d->DK, align = 256;
+  size_t budget = room > l.end + align ? room - l.end - align : 0;
+  const size_t cap = (size_t)tuning_env_int("KVQ_PART_MB", 0, 1) << 20;
+  if (cap && cap < budget) budget = cap;
+  size_t pt = budget / per_token;
+  pt = pt < all ? pt : all;
+  const int fixed = tuning_env_int("KVQ_PASS", 0, 1);
+  if (fixed > 0 && (size_t)fixed < pt)
+    pt = (size_t)fixed;
+  else if (pt < (all < KVQ_PASS_MIN ? all : KVQ_PASS_MIN))
+    pt = 0;
+  else /* passes of equal size: no short last pass, fewer bytes reserved */
+    pt = ceil_div(all, ceil_div(all, pt));
+  *tokens = pt;
   return CLNSA_SUCCESS;
 }
 
@@ -156,8 +186,8 @@ clnsa_status backward_scratch_bytes(clnsa_context *ctx, const nsa_dims *d, const
                                     size_t *bytes) {
   *bytes = 0;
   if (!dims_full_sequences(d)) return CLNSA_SUCCESS; /* no backward exists */
-  bool kvq;
-  CHECK_STATUS(kvq_possible(ctx, d, in, &kvq));
+  size_t kvq;
+  CHECK_STATUS(kvq_pass_tokens(ctx, d, in, &kvq));
   bwd_layout l;
   scratch_layout(d, kvq, &l);
   *bytes = l.end;
@@ -285,7 +315,7 @@ typedef struct bwd_plan {
   cl_kernel gates, dq[3], dkdv[3], reduce, fin_q, fin_kv;
   select_mask_kernels sel;
   bool mma, mma_emulated; /* the selected kernels are cl/attend_bwd_mma.cl's */
-  bool kvq_room, kvq;     /* partials reserved; the selected dq runs kv-block-major */
+  bool kvq;               /* the selected dq runs kv-block-major (lay.kvq_tokens a pass) */
   int kvq_nw;
   cl_kernel kvq_merge;         /* bwd_dq_merge (cl/selected_merge.cl) */
   bool cmp_dq_mma, cmp_kv_mma; /* the compressed dq, dk/dv kernels too (bwd_mma_cmp_configure) */
@@ -547,10 +577,6 @@ static cl_long at(const bwd_plan *p, size_t region) {
   return p->base + (cl_long)(region / 4);
 }
 
-static size_t ceil_div(size_t a, size_t b) {
-  return (a + b - 1) / b;
-}
-
 /* ---- the stages ---- */
 static clnsa_status enqueue_gates(clnsa_context *ctx, const bwd_plan *p, enqueue_chain *c) {
   const nsa_dims *d = p->d;
@@ -622,37 +648,47 @@ static void args_selection(kargs *a, const bwd_plan *p) {
   arg_long(a, at(p, l->slot_word));
 }
 
-/* The selected dq kv-block-major: one group per selection chunk (spare slots exit) writes
- * the partials, then bwd_dq_merge writes the dq accumulator. */
+/* The selected dq kv-block-major, in passes of lay.kvq_tokens tokens (b TQ + t): per
+ * pass, one group per selection chunk (spare slots and chunks without the pass's tokens
+ * exit) writes the pass's partials, then bwd_dq_merge writes its rows of the dq
+ * accumulator; the chain orders each pass after the previous one's merge. */
 static clnsa_status enqueue_dq_kvm(clnsa_context *ctx, const bwd_plan *p, enqueue_chain *c) {
   const nsa_dims *d = p->d;
   const bwd_layout *l = &p->lay;
-  const cl_long nr = (cl_long)d->B * d->TQ * d->HQ;
-  kargs a = args_begin(p->dq[BRANCH_SLC]);
-  args_attend(&a, p, BRANCH_SLC);
-  arg_tensor(&a, &p->idx);
-  args_selection(&a, p);
-  arg_mem(&a, p->buf);
-  arg_long(&a, at(p, l->gate));
-  arg_long(&a, at(p, l->delta));
-  arg_long(&a, at(p, l->part_dq));
-  arg_float(&a, d->scale);
-  arg_int(&a, d->S);
-  arg_seq(&a, d);
-  size_t local = 32 * (size_t)p->kvq_nw, global = l->slots * local;
-  CHECK_STATUS(args_launch(ctx, c, &a, 1, &global, &local));
-
+  const cl_long tokens = (cl_long)d->B * d->TQ, pt = (cl_long)l->kvq_tokens;
   const int w4 = d->DK / 4, rpg = w4 >= 128 ? 1 : 128 / w4;
-  a = args_begin(p->kvq_merge);
-  arg_tensor(&a, &p->idx);
-  arg_mem(&a, p->buf);
-  arg_long(&a, at(p, l->part_dq));
-  arg_long(&a, at(p, l->dq));
-  arg_int(&a, d->S);
-  arg_seq(&a, d);
-  size_t ml[2] = {(size_t)w4, (size_t)rpg};
-  size_t mg[2] = {(size_t)w4, ceil_div((size_t)nr, (size_t)rpg) * (size_t)rpg};
-  return args_launch(ctx, c, &a, 2, mg, ml);
+  for (cl_long r0 = 0; r0 < tokens; r0 += pt) {
+    const cl_long r1 = r0 + pt < tokens ? r0 + pt : tokens, rows = (r1 - r0) * d->HQ;
+    kargs a = args_begin(p->dq[BRANCH_SLC]);
+    args_attend(&a, p, BRANCH_SLC);
+    arg_tensor(&a, &p->idx);
+    args_selection(&a, p);
+    arg_mem(&a, p->buf);
+    arg_long(&a, at(p, l->gate));
+    arg_long(&a, at(p, l->delta));
+    arg_long(&a, at(p, l->part_dq));
+    arg_long(&a, r0);
+    arg_long(&a, r1);
+    arg_float(&a, d->scale);
+    arg_int(&a, d->S);
+    arg_seq(&a, d);
+    size_t local = 32 * (size_t)p->kvq_nw, global = l->slots * local;
+    CHECK_STATUS(args_launch(ctx, c, &a, 1, &global, &local));
+
+    a = args_begin(p->kvq_merge);
+    arg_tensor(&a, &p->idx);
+    arg_mem(&a, p->buf);
+    arg_long(&a, at(p, l->part_dq));
+    arg_long(&a, at(p, l->dq));
+    arg_int(&a, d->S);
+    arg_long(&a, r0 * d->HQ);
+    arg_long(&a, rows);
+    arg_seq(&a, d);
+    size_t ml[2] = {(size_t)w4, (size_t)rpg};
+    size_t mg[2] = {(size_t)w4, ceil_div((size_t)rows, (size_t)rpg) * (size_t)rpg};
+    CHECK_STATUS(args_launch(ctx, c, &a, 2, mg, ml));
+  }
+  return CLNSA_SUCCESS;
 }
 
 static clnsa_status enqueue_dq(clnsa_context *ctx, const bwd_plan *p, int x, enqueue_chain *c) {
@@ -833,11 +869,12 @@ clnsa_status clnsa_backward(clnsa_context *ctx, const clnsa_params *params, cons
     p.mma = mode != MMA_OFF && tuning_env_int("BWD_MMA", 1, 0) &&
             bwd_mma_configure(ctx, &d, p.mma_emulated, &p);
   }
-  /* the selected dq kv-block-major where its partials were reserved (kvq_possible) */
-  CHECK_STATUS(kvq_possible(ctx, &d, in, &p.kvq_room));
-  p.kvq = p.kvq_room && p.mma;
+  /* the selected dq kv-block-major where its partials were reserved (kvq_pass_tokens) */
+  size_t kvq_tokens;
+  CHECK_STATUS(kvq_pass_tokens(ctx, &d, in, &kvq_tokens));
+  p.kvq = kvq_tokens > 0 && p.mma;
   p.kvq_nw = kvq_warps(p.mma_emulated);
-  scratch_layout(&d, p.kvq_room, &p.lay);
+  scratch_layout(&d, kvq_tokens, &p.lay);
   plan_views(&p, ws);
   /* CLNSA_TUNE=BWD_CMP_MMA=n: bit 0 the compressed dq, bit 1 its dk/dv on tensor cores */
   const int cmp_parts =

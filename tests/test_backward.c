@@ -427,6 +427,30 @@ static void test_backward_tensor_cores(void **state) {
   };
   tolerance_cap = 1e-2;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], &r);
+  /* the kv-block-major dq in passes of 13 tokens (b TQ + t): pass ends inside mask words,
+   * inside sequences, across the batch's and the varlen sequences' boundaries */
+  const char *old = getenv("CLNSA_TUNE");
+  char *saved = old ? strdup(old) : NULL;
+  problem pb;
+  make_problem(&pb, &cases[1], NULL, &r);
+  size_t whole = 0, part = 0;
+  assert_int_equal(clnsa_backward_workspace_size(ctx, &pb.p, &pb.in, &whole), CLNSA_SUCCESS);
+  harness_tune_append("KVQ_PASS=13");
+  assert_int_equal(clnsa_backward_workspace_size(ctx, &pb.p, &pb.in, &part), CLNSA_SUCCESS);
+  printf("# backward workspace: %zu bytes, %zu with passes of 13 tokens\n", whole, part);
+  /* on a tensor-core path the partials are reserved, for a pass at a time */
+  if (clnsa_context_tensor_cores(ctx) != CLNSA_MMA_NONE)
+    assert_true(part < whole);
+  else
+    assert_true(part == whole);
+  free_problem(&pb);
+  const size_t passes[] = {1, 5, 6, 7};
+  for (size_t i = 0; i < sizeof passes / sizeof passes[0]; i++) run_case(&cases[passes[i]], &r);
+  if (saved)
+    setenv("CLNSA_TUNE", saved, 1);
+  else
+    unsetenv("CLNSA_TUNE");
+  free(saved);
   tolerance_cap = 1.0;
 }
 
