@@ -205,23 +205,30 @@ static bool attend_mma_configure(clnsa_context *ctx, int mode, const nsa_dims *d
       return true;
     c->wg_n_v = 0; /* too big here: the mma.sync layout below */
   }
-  /* warps per group: MMA_NW for the selected branch (they split one token's keys),
-   * MMA_NWD for compressed and window (each owns 16 MT rows; they share the staged tiles) */
-  const int nw = emulate ? 1 : tuning_env_int(mode == MODE_SELECTED ? "MMA_NW" : "MMA_NWD", 4, 1);
+  /* warps per group: MMA_NW for the selected branch (they would split one token's keys:
+   * one warp walks them all, H200, bf16, G = 16, 64k: 14.9 ms, 15.8 with two warps, 17.7
+   * with four, which merged their partial outputs at the end and fitted fewer groups an
+   * SM), MMA_NWD for compressed and window (each owns 16 MT rows; they share the staged
+   * tiles) */
+  const int nw = emulate ? 1
+                         : mode == MODE_SELECTED ? tuning_env_int("MMA_NW", 1, 1)
+                                                 : tuning_env_int("MMA_NWD", 4, 1);
   c->wg = 32 * nw;
   /* Selected branch: keys per step and early V loads, from H200 runs (bf16, D=128, G=16,
    * 8k): 32 keys 3.02 ms, 16 keys 2.15 ms, 16 keys with the tile's V loads issued before
    * S = Q K^T 2.08 ms (ptxas: 204 registers, no spills); the f32 split doubles the K/V
    * fragments, and early V would need 255 registers. Compressed and window stage each
    * tile in local memory for the group. The compressed branch gives each warp two 16-row
-   * m-tiles (MT) that share every staged fragment it reads, with 32 keys a step: on the
-   * H100 (bf16, f32 k_cmp, D=128, G=16) 0.346 / 10.3 ms at 8k / 64k against 0.438 / 12.9
-   * with one m-tile and 16 keys (MT=2 with 16 keys: 0.340 / 11.1). The window branch
-   * keeps one m-tile (no change on the dense 8k run) and 32 keys (16 with the split). */
+   * m-tiles (MT) that share every staged fragment it reads: on the H100 (bf16, f32 k_cmp,
+   * D=128, G=16) 0.346 / 10.3 ms at 8k / 64k against 0.438 / 12.9 with one m-tile and 16
+   * keys (MT=2 with 16 keys: 0.340 / 11.1). Since the V fragments come by ldmatrix, 16
+   * keys a step are faster there too (H200, 64k: 9.00 against 9.94 ms with 32). The window
+   * branch keeps one m-tile (no change on the dense 8k run) and 32 keys (16 with the
+   * split). */
   c->mt = mode == MODE_SELECTED ? 1 : tuning_env_int("MMA_MT", mode == MODE_COMPRESSED ? 2 : 1, 1);
   /* the emulation (tests on CPUs) takes 16 keys: with two m-tiles, 32 keys unroll into
    * hundreds of emulated mma, each two barriers, that PoCL compiles for minutes */
-  const int keys = mode == MODE_SELECTED || (split && c->mt == 1) || emulate ? 16 : 32;
+  const int keys = mode != MODE_WINDOW || (split && c->mt == 1) || emulate ? 16 : 32;
   c->kt = tuning_env_int("MMA_KT", keys, 16);
   c->vearly = mode == MODE_SELECTED ? tuning_env_int("VEARLY", split ? 0 : 1, 0) : 0;
   size_t bytes = mma_rows_layout(mode, d, nw, c->mt, c);

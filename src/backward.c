@@ -373,9 +373,10 @@ static size_t sel_dkdv_warp_bytes(const nsa_dims *d) {
   return 16 * 32 * 2 * (size_t)(d->DK / 32 + d->DV / 32);
 }
 
-/* Warps per group of the two kernels and whether their local arrays fit: dq takes 2
- * warps that split a token's key slots (H100, bf16 G=16 D=128: backward 14.6 / 178.5 ms at
- * 8k / 64k with 2, 15.3 / 184.3 with 4, 18.3 / 207 with 8); dkdv one warp per 16 keys of a
+/* Warps per group of the two kernels and whether their local arrays fit: dq takes one
+ * warp for a token's key slots (H200, bf16, G = 16, D = 128, 64k: bwd_dq_selected_mma
+ * 32.3 ms, 36.1 with two warps splitting them, 51.1 with three: more groups fit an SM and
+ * no warp waits for another's partial dq); dkdv one warp per 16 keys of a
  * block (BWD_KV_NW, up to 4), lowered until the group fits local memory and the warps
  * divide the block's 16-key slices: the group's staged rows take 18.5 KiB, a warp's
  * fragments 8 KiB at DK = DV = 128 (2 warps in NVIDIA's 48 KiB), 3 KiB at DK = 64, DV =
@@ -383,7 +384,7 @@ static size_t sel_dkdv_warp_bytes(const nsa_dims *d) {
 static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool emulate,
                               bwd_plan *p) {
   const int per_block = (d->BS + 15) / 16;
-  p->dq_nw = emulate ? 1 : tuning_env_int("BWD_MMA_NW", 2, 1);
+  p->dq_nw = emulate ? 1 : tuning_env_int("BWD_MMA_NW", 1, 1);
   /* the compressed kernels (bwd_mma_cmp_configure may lower ckv_nw to fit) */
   p->cq_nw = emulate ? 1 : tuning_env_int("BWD_CQ_NW", 4, 1);
   /* 32 blocks a staged tile: H100, G = 16, 64k, bwd_dq_compressed_mma 14.0 -> 12.9 ms
