@@ -13,7 +13,8 @@
  *   bwd_dq_window        (+=) /
  *   (with G <= KVQ_MAX_G on tensor cores the selected dq is kv-block-major instead:
  *   bwd_dq_selected_kvm_mma, one group per selection chunk -> dq partials per (row, slot),
- *   then bwd_dq_merge (cl/selected_merge.cl) -> dq_acc (=))
+ *   then bwd_dq_merge (cl/selected_merge.cl) -> dq_acc (=); the pair once per pass of
+ *   tokens where the partials do not fit at once: kvq_pass_tokens)
  *   bwd_dkdv_selected    one work-group per (chunk, key slice): the chunk's tokens, all G
  *                        heads -> selected partial sums per chunk
  *   (bwd_dq_selected_mma and bwd_dkdv_selected_mma of cl/attend_bwd_mma.cl instead of the
