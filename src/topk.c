@@ -99,9 +99,10 @@ static size_t topk_mma_local_bytes(const nsa_dims *d, bool kc_f32, bool emulate,
  * importances in local memory, which long sequences outgrow (G = 1, T = 65536: 64 KiB per
  * warp at TPW = 16, NVIDIA gives 48). The first shape that fits wins, trying TPW = 16 MT / G
  * (capped: tpw_cap below) down to 1 (fewer tokens per warp leave mma rows idle, rather
- * than leave the tensor cores for the portable kernel), for each NW = 4, 2, 1 (more tokens share
- * each staged tile; the emulation runs one warp per group), for each KT = 32 then 16 (32: 99
- * registers with f32 k_cmp, tools/ptx_check.sh; 16 frees half the staged tile). G = 1,
+ * than leave the tensor cores for the portable kernel), for each NW = nw0 (8 at G = 1, else
+ * 4) halved down to 1 (more tokens share each staged tile; the emulation runs one warp per
+ * group), for each KT = 32 then 16 (32: 99 registers with f32 k_cmp, tools/ptx_check.sh;
+ * 16 frees half the staged tile). G = 1,
  * T = 65536, DK = 128 in 48 KiB gets TPW = 2 (the cap), NW = 4, KT = 16 (f32 k_cmp) or 32;
  * G = 16 there MT = 2, TPW = 2, NW = 4, KT = 16. CLNSA_TUNE's TOPK_KT fixes KT, TOPK_TPW
  * caps TPW, TOPK_MT sets MT (tests, experiments). Returns false where the portable kernel
@@ -134,10 +135,16 @@ static bool topk_mma_shape_for(clnsa_context *ctx, const nsa_dims *d, const clns
    * bf16, f32 k_cmp, D = 128: 6.92 -> 6.03 ms at 64k with 16 candidates and 4 warps,
    * 0.191 -> 0.199 ms at 8k; at G = 1 it lost at 8k, 0.183 -> 0.200). TOPK_MT overrides. */
   m->mt = tuning_env_int("TOPK_MT", G == 16 ? 2 : 1, 1) >= 2 ? 2 : 1;
+  /* Warps a group, the first tried: 8 at G = 1, where a warp's tokens fill few mma rows
+   * and more tokens then share each staged k_cmp tile (H200, bf16, D = 128: 0.314 -> 0.259
+   * ms at 16k, 0.120 -> 0.116 at 8k; at 64k eight warps' importances do not fit: 4), else
+   * 4 (G = 16 with 8: 0.609 -> 0.806 ms at 16k).
+   * CLNSA_TUNE TOPK_NW overrides. */
+  const int nw0 = tuning_env_int("TOPK_NW", G == 1 ? 8 : 4, 1);
   int tpw0 = 16 * m->mt / G;
   while (tpw0 > tpw_cap) tpw0 /= 2;
   for (m->tpw = tpw0; m->tpw >= 1; m->tpw /= 2)
-    for (m->nw = emulate ? 1 : 4; m->nw >= 1; m->nw /= 2)
+    for (m->nw = emulate ? 1 : nw0; m->nw >= 1; m->nw /= 2)
       for (int i = 0; i < nkt; i++) {
         m->kt = kts[i];
         if (topk_mma_local_bytes(d, k_cmp->dtype == CLNSA_F32, emulate, m) <=
