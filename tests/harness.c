@@ -30,6 +30,19 @@ void harness_tune_append(const char *setting) {
   setenv("CLNSA_TUNE", tune, 1);
 }
 
+char *harness_tune_save(void) {
+  const char *now = getenv("CLNSA_TUNE");
+  return now ? strdup(now) : NULL;
+}
+
+void harness_tune_restore(char *saved) {
+  if (saved)
+    setenv("CLNSA_TUNE", saved, 1);
+  else
+    unsetenv("CLNSA_TUNE");
+  free(saved);
+}
+
 static bool tensor_cores_path(clnsa_context *ctx) {
   cl_uint vendor = 0;
   clGetDeviceInfo(clnsa_context_device(ctx), CL_DEVICE_VENDOR_ID, sizeof vendor, &vendor, NULL);

@@ -20,6 +20,10 @@ clnsa_context *harness_context(void);
  * passes on the portable kernels. False (nothing changed) without the argument. */
 /* Appends one NAME=VALUE setting to CLNSA_TUNE (read by the library at each call). */
 void harness_tune_append(const char *setting);
+/* CLNSA_TUNE as it is now (NULL: unset), for harness_tune_restore. */
+char *harness_tune_save(void);
+/* Puts CLNSA_TUNE back as harness_tune_save found it, and frees the copy. */
+void harness_tune_restore(char *saved);
 bool harness_tensor_cores_mode(clnsa_context *ctx, int argc, char **argv);
 
 /* Random numbers: one generator per test, seeded from CLNSA_TEST_SEED or the clock,

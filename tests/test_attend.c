@@ -554,8 +554,7 @@ static void test_attend_tensor_cores(void **state) {
 static void test_attend_wgmma(void **state) {
   (void)state;
   rng r = {harness_seed("attend wgmma")};
-  const char *old = getenv("CLNSA_TUNE");
-  char *saved = old ? strdup(old) : NULL;
+  char *saved = harness_tune_save();
   assert_int_equal(clnsa_context_wgmma(ctx), 0); /* opt-in: off unless asked */
   assert_int_equal(clnsa_context_wgmma(NULL), 0);
   harness_tune_append("WGMMA=1");
@@ -585,12 +584,7 @@ static void test_attend_wgmma(void **state) {
   run_compressed(&pb);
   run_window(&pb, 200);
   problem_free(&pb);
-  if (saved) {
-    setenv("CLNSA_TUNE", saved, 1);
-    free(saved);
-  } else {
-    unsetenv("CLNSA_TUNE");
-  }
+  harness_tune_restore(saved);
 }
 
 /* CLNSA_FLAG_TF32 with f32 q, k, v: on a tensor-core path (NVIDIA, or CLNSA_TUNE=MMA=2)

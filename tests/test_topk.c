@@ -302,25 +302,19 @@ static void test_topk_tensor_cores(void **state) {
 
 /* CLNSA_TUNE as it was before a test extended it (restored by restore_tune, also after a
  * failed assertion). */
-static char saved_tune[512];
-static bool tune_was_set;
+static char *saved_tune;
+static bool tune_extended;
 
 static void extend_tune(const char *extra) {
-  const char *old = getenv("CLNSA_TUNE");
-  tune_was_set = old != NULL;
-  snprintf(saved_tune, sizeof saved_tune, "%s", old ? old : "");
-  char tune[600];
-  snprintf(tune, sizeof tune, "%s%s%s", saved_tune, *saved_tune ? "," : "", extra);
-  setenv("CLNSA_TUNE", tune, 1);
+  saved_tune = harness_tune_save();
+  tune_extended = true;
+  harness_tune_append(extra);
 }
 
 static int restore_tune(void **state) {
   (void)state;
-  if (tune_was_set)
-    setenv("CLNSA_TUNE", saved_tune, 1);
-  else
-    unsetenv("CLNSA_TUNE");
-  tune_was_set = false;
+  if (tune_extended) harness_tune_restore(saved_tune);
+  tune_extended = false;
   return 0;
 }
 
