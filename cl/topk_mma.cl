@@ -30,6 +30,19 @@
  * With MT = 2 a warp holds two 16-row m-tiles (32 rows, up to 32 / G tokens) that share
  * every staged k_cmp fragment it reads: half the local-memory reads per mma, and twice the
  * tokens per staged tile (the host takes it for G = 16).
+ * With LIST > 0 (the host's choice for G <= 4 where S - 3 <= 16) there are no importance
+ * arrays: each lane keeps, per token it holds, the LIST best (topk_ahead) of the
+ * candidates it owns in registers, sorted, and inserts a candidate that beats its worst
+ * by one pass of compare-and-select over the list. After a token's G rows are summed,
+ * the lanes holding the sum share its candidates (slot 2 nt + i of a step goes to the
+ * lane whose gid % ND matches, ND = min(G, 8)), so every (token, candidate) has one
+ * owner, and a lane meets its candidates in increasing index. Selection is then LIST
+ * rounds of a butterfly argmax over the 4 ND lanes of a token, all of the warp's tokens
+ * at once, each winner popped from its owner's list: the same set as the rounds over the
+ * importances (the order is strict), in registers and in parallel, and with local memory
+ * holding only the staged tile, every token of a warp fills its mma rows (TPW = 16 MT / G)
+ * and more warps fit an SM. From G = 8 on a lane owns one slot a step: a whole insertion
+ * for each, slower than the arrays there (src/topk.c has the numbers).
  * The NW warps of a group score consecutive tokens against the same candidates, so the
  * group stages each tile of k_cmp in local memory once (coalesced 16-byte loads; f32 split
  * into hi and lo there) and every warp reads its B fragments from it: without that every
@@ -58,6 +71,9 @@
 #ifndef COLSEL /* selection rounds rescan only the winner's column (1) or every candidate */
 #define COLSEL (MT == 1)
 #endif
+#ifndef LIST
+#define LIST 0 /* > 0: lists of the LIST best candidates in registers (S - 3), no importances */
+#endif
 #ifndef CAP
 #define CAP 1024 /* candidate slots per token: at least the longest sequence's block count */
 #endif
@@ -85,6 +101,9 @@
 #if KC_DT != MMA_DT && (KC_DT != 0 || MMA_DT != 2)
 #error "topk_mma.cl: k_cmp is MMA_DT, or f32 with bf16 q"
 #endif
+#if LIST > 16
+#error "topk_mma.cl: LIST lists live in registers: at most 16"
+#endif
 #if WARP_EMULATE && NW != 1
 #error "topk_mma.cl: the warp emulation runs one warp per group"
 #endif
@@ -95,6 +114,16 @@
 #define LD8(p, i) (*(__global const uint4 *)((p) + (i)))
 #define KEY_TAKEN (-2.0f) /* below every importance and below NaN's -1 */
 #define IMP_MAX 1.0e30f
+#define KEY_NONE (-3.0f) /* an empty list slot: below KEY_TAKEN */
+#define IDX_NONE 0x7fffffff
+#if GQ == 16
+#define ND 8      /* lanes (gids) holding each token's summed importances */
+#define NL MT     /* lists a lane keeps: one per m-tile (its rows gid, gid + 8: one token) */
+#else
+#define ND GQ
+#define NL (2 * MT) /* one per row of the lane: rows gid + 8 rh are distinct tokens */
+#endif
+#define LIST_RH(l) (GQ == 16 ? 2 * (l) : (l)) /* the lane's row (rh) of list l */
 
 inline bool topk_ahead(float ka, int ia, float kb, int ib) {
   return ka > kb || (ka == kb && ia < ib);
@@ -121,6 +150,37 @@ inline void scan_best(__local const float *key, int c, int end, int step, float 
     if (topk_ahead(kv, c, *bk, *bc)) *bk = kv, *bc = c;
   }
 }
+
+#if LIST
+/* Inserts candidate (v, c) into a list sorted by topk_ahead (best first) if it beats the
+ * last entry: entry j takes entry j - 1 where v is ahead of that, v where v lands there,
+ * else stays; every index constant, so the list stays in registers. A lane inserts its
+ * candidates in increasing c, so c is above every index in the list and topk_ahead
+ * reduces to v > key (an equal key, with its lower index, stays ahead). */
+inline void list_insert(float *lk, int *li, float v, int c) {
+  if (!(v > lk[LIST - 1])) return;
+  /* Selects as masks: a select between two list entries became a select of their
+   * addresses (clang), which moved the whole list to the stack. */
+  int at = -1; /* all ones where v is ahead of the entry now at j */
+#pragma unroll
+  for (int j = LIST - 1; j > 0; j--) {
+    const int up = -(int)(v > lk[j - 1]);
+    const int kj = (as_int(v) & at) | (as_int(lk[j]) & ~at), ij = (c & at) | (li[j] & ~at);
+    lk[j] = as_float((as_int(lk[j - 1]) & up) | (kj & ~up));
+    li[j] = (li[j - 1] & up) | (ij & ~up);
+    at = up;
+  }
+  lk[0] = as_float((as_int(v) & at) | (as_int(lk[0]) & ~at));
+  li[0] = (c & at) | (li[0] & ~at);
+}
+
+/* Drops a list's first entry (the round's winner). */
+inline void list_pop(float *lk, int *li) {
+#pragma unroll
+  for (int j = 0; j < LIST - 1; j++) lk[j] = lk[j + 1], li[j] = li[j + 1];
+  lk[LIST - 1] = KEY_NONE, li[LIST - 1] = IDX_NONE;
+}
+#endif
 
 /* 8 k_cmp elements at element index i as bf16/f16 pairs; f32 keeps the rounding residue. */
 typedef struct kpairs {
@@ -175,8 +235,12 @@ inline topk_token token_facts(attend_seq sq, bool live, int t, int h, CITENSOR(b
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
     CTENSOR(Q_DT, q), CTENSOR(KC_DT, kc), CTENSOR(0, lse), CITENSOR(bc), ITENSOR(bi),
     int has_counts, int S, int block_size, int G, float scale, SEQ_ARGS, int tiles) {
+#if LIST
+  __local int chosen_l[NW * TPW * (LIST + 3)];
+#else
   __local float imp_l[NW * TPW * CAP];
   __local int chosen_l[NW * SMAX];
+#endif
   __local uint4 kst[KT * KLD8];
 #if KC_DT == 0
   __local uint4 kst_lo[KT * KLD8];
@@ -189,8 +253,19 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
   const int h = get_group_id(1), s = get_group_id(0) / tiles;
   const attend_seq sq = locate_seq(cu, nseq, TQ, TK, s);
   const int tok0 = ((get_group_id(0) - s * tiles) * NW + warp) * TPW;
+#if LIST
+  __local int *chosen = chosen_l + warp * TPW * (LIST + 3);
+  float lk[NL][LIST];
+  int li[NL][LIST];
+#pragma unroll
+  for (int l = 0; l < NL; l++) {
+#pragma unroll
+    for (int j = 0; j < LIST; j++) lk[l][j] = KEY_NONE, li[l][j] = IDX_NONE;
+  }
+#else
   __local float *imp = imp_l + warp * TPW * CAP;
   __local int *chosen = chosen_l + warp * SMAX;
+#endif
 
   /* This lane's rows gid + 8 rh (m-tile rh / 2): their tokens, q fragments, lse in log2
    * units. Rows from TPW GQ on are idle (with TPW GQ <= 8, every row gid + 8). */
@@ -286,6 +361,9 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
     }
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
+#if LIST
+      float pv[NT][4]; /* the step's importances of the m-tile, after the sum over G rows */
+#endif
 #pragma unroll
       for (int nt = 0; nt < NT; nt++) {
         float p[4];
@@ -310,6 +388,10 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
           for (int i = 0; i < 4; i++) p[i] += shfl_xor(p[i], m, wx);
         }
 #endif
+#if LIST
+#pragma unroll
+        for (int i = 0; i < 4; i++) pv[nt][i] = p[i];
+#else
         if (gid % GQ == 0) {
 #pragma unroll
           for (int i = 0; i < (GQ == 16 ? 2 : 4); i++) {
@@ -318,10 +400,58 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
               imp[((gid + 8 * rh) / GQ) * CAP + c] = isnan(p[i]) ? -1.0f : fmin(p[i], IMP_MAX);
           }
         }
+#endif
       }
+#if LIST
+      /* Slot j = 2 nt + (i & 1) of a token (candidate c0 + 8 nt + 2 tig + (i & 1)) belongs
+       * to the lane whose gid % ND is j % ND: each lane inserts only its own slots, one
+       * insertion per slot it owns (2 NT / ND a row, or 1), in increasing candidate order. */
+#pragma unroll
+      for (int hf = 0; hf < (GQ == 16 ? 1 : 2); hf++) {
+        const int rh = 2 * mt + hf, l = GQ == 16 ? mt : rh;
+#pragma unroll
+        for (int sl = 0; sl < (2 * NT + ND - 1) / ND; sl++) {
+          const int j = sl * ND + gid % ND, c = c0 + 8 * (j >> 1) + 2 * tig + (j & 1);
+          float v = 0.0f;
+#pragma unroll
+          for (int jj = 0; jj < 2 * NT; jj++)
+            if (jj == j) v = pv[jj >> 1][2 * hf + (jj & 1)];
+          if (j < 2 * NT && c >= 1 && c < tk[rh].ic - 1 && tk[rh].valid)
+            list_insert(lk[l], li[l], isnan(v) ? -1.0f : fmin(v, IMP_MAX), c);
+        }
+      }
+#endif
     }
   }
   warp_sync(wx);
+
+#if LIST
+  /* Selection: LIST rounds per list, every token of the warp at once. A round's winner is
+   * the best head over the token's 4 ND lanes (masks below 4 ND keep to them); its owner
+   * pops it. A token records the rounds it needs (n - forced) after its forced blocks. */
+#pragma unroll
+  for (int l = 0; l < NL; l++) {
+    const topk_token k = tk[LIST_RH(l)];
+    const int u = (gid + 8 * LIST_RH(l)) / GQ, m = min(k.n, k.forced);
+    const bool leader = k.valid && tig == 0 && gid % ND == 0 && k.n < k.ic + 1;
+    __local int *ch = chosen + u * (LIST + 3);
+    if (leader)
+      for (int f = 0; f < m; f++) ch[f] = f == 0 ? k.ic : f == 1 ? k.ic - 1 : 0;
+    for (int round = 0; round < LIST; round++) {
+      float wk = lk[l][0];
+      int wc = li[l][0];
+#pragma unroll
+      for (int off = 1; off < 4 * ND; off <<= 1) {
+        const float ok = shfl_xor(wk, off, wx);
+        const int oi = as_int(shfl_xor(as_float(wc), off, wx));
+        if (topk_ahead(ok, oi, wk, wc)) wk = ok, wc = oi;
+      }
+      if (li[l][0] == wc) list_pop(lk[l], li[l]);
+      if (leader && m + round < k.n) ch[m + round] = wc;
+    }
+  }
+  warp_sync(wx);
+#endif
 
   /* Selection, one token at a time (uniform over the warp). */
   for (int u = 0; u < TPW; u++) {
@@ -332,6 +462,10 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
       for (int j = lane; j < S; j += 32) out[j] = j < k.n ? j : -1;
       continue;
     }
+#if LIST
+    __local const int *chosen_u = chosen + u * (LIST + 3);
+#else
+    __local int *chosen_u = chosen;
     const int m = min(k.n, k.forced);
     if (lane < m) chosen[lane] = lane == 0 ? k.ic : lane == 1 ? k.ic - 1 : 0;
     __local float *key = imp + u * CAP;
@@ -376,12 +510,13 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void topk_mma_select(
       }
       warp_sync(wx);
     }
-#endif
+#endif /* COLSEL */
     warp_sync(wx);
+#endif /* LIST */
     for (int i = lane; i < k.n; i += 32) { /* ascending order */
-      const int c = chosen[i];
+      const int c = chosen_u[i];
       int pos = 0;
-      for (int t = 0; t < k.n; t++) pos += chosen[t] < c;
+      for (int t = 0; t < k.n; t++) pos += chosen_u[t] < c;
       out[pos] = c;
     }
     for (int j = k.n + lane; j < S; j += 32) out[j] = -1;

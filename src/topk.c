@@ -81,23 +81,31 @@ static clnsa_status topk_tune(clnsa_context *ctx, int dk, int g, topk_tuning *t)
  * candidates per step, candidate slots per token. */
 typedef struct topk_mma_shape {
   int nw, mt, tpw, kt, cap;
+  int list; /* > 0: each lane's best `list` candidates in registers instead of importances */
 } topk_mma_shape;
 
+/* Longest register list of cl/topk_mma.cl (its LIST): S = 19 selected blocks. */
+#define TOPK_REG_LIST_MAX 16
+
 /* Local memory of cl/topk_mma.cl, mirroring its __local arrays: per warp TPW tokens x CAP
- * importances and a selection list, the staged k_cmp tile (rows padded by 64 bytes; f32
- * kept as hi and lo), the emulation's scratch, and 1 KiB of slack. */
+ * importances and a selection list (with LIST: TPW selection lists of LIST + 3), the
+ * staged k_cmp tile (rows padded by 64 bytes; f32 kept as hi and lo), the emulation's
+ * scratch, and 1 KiB of slack. */
 static size_t topk_mma_local_bytes(const nsa_dims *d, bool kc_f32, bool emulate,
                                    const topk_mma_shape *m) {
   const size_t stage = 16 * (size_t)m->kt * (size_t)(d->DK / 8 + 4) * (kc_f32 ? 2 : 1);
-  return 4 * ((size_t)m->nw * (size_t)m->tpw * (size_t)m->cap + (size_t)m->nw * TOPK_LIST_MAX) +
-         4 * (size_t)m->nw + stage + (emulate ? 4 * 32 * 6 : 0) + 1024;
+  const size_t nw = (size_t)m->nw, tpw = (size_t)m->tpw;
+  const size_t per_warp = m->list ? 4 * tpw * (size_t)(m->list + 3)
+                                  : 4 * (tpw * (size_t)m->cap + TOPK_LIST_MAX);
+  return nw * per_warp + 4 * nw + stage + (emulate ? 4 * 32 * 6 : 0) + 1024;
 }
 
 /* Tensor-core top-k (cl/topk_mma.cl): q f16/bf16 with k_cmp of q's type (or f32 with
  * bf16 q), G a power of two up to 16 (a token's rows inside one 16-row tile), DK in
- * 32-wide chunks, 16-byte rows. Each warp keeps TPW tokens x CAP candidate blocks of
- * importances in local memory, which long sequences outgrow (G = 1, T = 65536: 64 KiB per
- * warp at TPW = 16, NVIDIA gives 48). The first shape that fits wins, trying TPW = 16 MT / G
+ * 32-wide chunks, 16-byte rows. With register lists (G <= 4, S <= 19) a warp takes
+ * 16 MT / G tokens and NW = 4. Otherwise each warp keeps TPW tokens x CAP candidate
+ * blocks of importances in local memory, which long sequences outgrow (G = 1, T = 65536:
+ * 64 KiB per warp at TPW = 16, NVIDIA gives 48). The first shape that fits wins, trying TPW = 16 MT / G
  * (capped: tpw_cap below) down to 1 (fewer tokens per warp leave mma rows idle, rather
  * than leave the tensor cores for the portable kernel), for each NW = nw0 (8 at G = 1, else
  * 4) halved down to 1 (more tokens share each staged tile; the emulation runs one warp per
@@ -119,6 +127,18 @@ static bool topk_mma_shape_for(clnsa_context *ctx, const nsa_dims *d, const clns
   const int tk = d->seqs ? d->seqs->max_k : d->TK;
   m->cap = (tk + d->BS - 1) / d->BS;
   if (m->cap < 1) m->cap = 1;
+  /* Register lists (LIST = S - 3, the rounds a token can need; 1 where S <= 3 and there
+   * are none) for G <= 4 where they fit TOPK_REG_LIST_MAX: no importances in local
+   * memory, so every warp fills its mma rows and the TPW cap below does not apply. H200,
+   * bf16, f32 k_cmp, D = 128, S = 16, top-k ms at T = 16k / 64k, arrays -> lists
+   * (2026-11-28, docs/bench/h200-2026-11-28-s11-topk-list.jsonl): G = 1 0.258 -> 0.162 /
+   * 3.38 -> 1.49, G = 2 0.262 -> 0.188 / 3.48 -> 1.88, G = 4 0.346 -> 0.279 / 3.54 ->
+   * 2.90; G = 8 0.459 -> 0.452 / 4.05 -> 4.57, G = 16 (8k / 64k) 0.218 -> 0.275 / 5.92 ->
+   * 7.74. From G = 8 on a lane owns one slot of a step, so every step runs a whole
+   * insertion for few candidates, where the arrays' selection is cheap against the mma.
+   * CLNSA_TUNE's TOPK_LIST_G sets the largest G with lists (0: never). */
+  m->list = d->S <= 3 ? 1 : d->S - 3;
+  if (m->list > TOPK_REG_LIST_MAX || G > tuning_env_int("TOPK_LIST_G", 4, 0)) m->list = 0;
   const int kt_fixed = tuning_env_int("TOPK_KT", 0, 16);
   const int kts[2] = {kt_fixed ? kt_fixed : 32, 16}, nkt = kt_fixed ? 1 : 2;
   /* Fewer tokens a warp than fit: each token's CAP importances fill local memory, so many
@@ -130,17 +150,19 @@ static bool topk_mma_shape_for(clnsa_context *ctx, const nsa_dims *d, const clns
    * G = 2 TPW 8 0.134 / 0.260 / 5.11, at 2 0.144 / 0.362 / 3.46; G = 4 TPW 4 0.151 / 0.343 /
    * 4.02, at 2 0.147 / 0.367 / 3.51 (16-bit k_cmp alike: G = 1 at 64k 3.54 -> 2.25). Hence
    * 2 where a token has 1024 or more candidates, 4 at G = 1 below that. */
-  const int tpw_cap = tuning_env_int("TOPK_TPW", m->cap >= 1024 ? 2 : G == 1 ? 4 : 32, 1);
+  const int tpw_cap =
+      tuning_env_int("TOPK_TPW", m->list ? 32 : m->cap >= 1024 ? 2 : G == 1 ? 4 : 32, 1);
   /* MT = 2: two 16-row m-tiles a warp share each staged k_cmp fragment, for G = 16 (H100,
    * bf16, f32 k_cmp, D = 128: 6.92 -> 6.03 ms at 64k with 16 candidates and 4 warps,
    * 0.191 -> 0.199 ms at 8k; at G = 1 it lost at 8k, 0.183 -> 0.200). TOPK_MT overrides. */
   m->mt = tuning_env_int("TOPK_MT", G == 16 ? 2 : 1, 1) >= 2 ? 2 : 1;
-  /* Warps a group, the first tried: 8 at G = 1, where a warp's tokens fill few mma rows
-   * and more tokens then share each staged k_cmp tile (H200, bf16, D = 128: 0.314 -> 0.259
-   * ms at 16k, 0.120 -> 0.116 at 8k; at 64k eight warps' importances do not fit: 4), else
-   * 4 (G = 16 with 8: 0.609 -> 0.806 ms at 16k).
+  /* Warps a group, the first tried: with importance arrays 8 at G = 1, where a warp's
+   * tokens fill few mma rows and more tokens then share each staged k_cmp tile (H200,
+   * bf16, D = 128: 0.314 -> 0.259 ms at 16k, 0.120 -> 0.116 at 8k; at 64k eight warps'
+   * importances do not fit: 4), else 4 (G = 16 with 8: 0.609 -> 0.806 ms at 16k). With
+   * lists 4 (G = 1, 64k: 1.49 ms; 8 warps 1.72, 2 warps 1.81; likewise at G = 2, 4).
    * CLNSA_TUNE TOPK_NW overrides. */
-  const int nw0 = tuning_env_int("TOPK_NW", G == 1 ? 8 : 4, 1);
+  const int nw0 = tuning_env_int("TOPK_NW", G == 1 && !m->list ? 8 : 4, 1);
   int tpw0 = 16 * m->mt / G;
   while (tpw0 > tpw_cap) tpw0 /= 2;
   for (m->tpw = tpw0; m->tpw >= 1; m->tpw /= 2)
@@ -161,7 +183,7 @@ clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
                           enqueue_chain *c) {
   int mma = MMA_OFF;
   if (q->dtype != CLNSA_F32) CHECK_STATUS(mma_mode(ctx, &mma));
-  topk_mma_shape m = {0, 0, 0, 0, 0};
+  topk_mma_shape m = {0, 0, 0, 0, 0, 0};
   const bool tensor_cores =
       mma != MMA_OFF && topk_mma_shape_for(ctx, d, q, k_cmp, mma == MMA_EMULATED, &m);
   build_options o = {{0}, 0};
@@ -176,7 +198,7 @@ clnsa_status topk_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_ten
     file = "warp_ops.cl+attend_setup.cl+topk_mma.cl", name = "topk_mma_select";
     options_add(&o, "-DDK=%d -DWG=%d -DNW=%d -DGQ=%d -DMT=%d -DTPW=%d -DCAP=%d -DBS=%d -DKT=%d",
                 d->DK, 32 * m.nw, m.nw, d->G, m.mt, m.tpw, m.cap, d->BS, m.kt);
-    options_add(&o, " -DMMA_DT=%d", (int)q->dtype);
+    options_add(&o, " -DMMA_DT=%d -DLIST=%d", (int)q->dtype, m.list);
     options_add(&o, " -DWARP_EMULATE=%d", mma == MMA_EMULATED);
     local[0] = (size_t)(32 * m.nw);
     global[0] = nseg * (size_t)tiles * local[0];

@@ -325,6 +325,8 @@ static int restore_tune(void **state) {
  * both inside the first 8 rows (G = 1, TPW = 4) and as the whole second half (G = 4,
  * TPW = 2). Then the number of 16-row m-tiles a warp (CLNSA_TUNE=TOPK_MT; G = 16 takes
  * two by default, 32 rows of two tokens): one at G = 16, two at G = 4 (eight tokens).
+ * Then the selection where the host would not take it (CLNSA_TUNE=TOPK_LIST_G): register
+ * lists at G = 16, importance arrays at G = 2.
  * Only where the tensor-core path is on (elsewhere the knobs change nothing). */
 static void test_topk_tensor_cores_tpw(void **state) {
   (void)state;
@@ -334,7 +336,8 @@ static void test_topk_tensor_cores_tpw(void **state) {
   }
   rng r = {harness_seed("topk tensor cores TPW")};
   // clang-format off
-  const char *tunes[] = {"TOPK_TPW=4", "TOPK_TPW=2", "TOPK_TPW=2", "TOPK_MT=1", "TOPK_MT=2"};
+  const char *tunes[] = {"TOPK_TPW=4", "TOPK_TPW=2", "TOPK_TPW=2", "TOPK_MT=1", "TOPK_MT=2",
+                         "TOPK_LIST_G=16", "TOPK_LIST_G=0"};
   const topk_case cases[] = {
       /* G = 1, TPW = 4 of 16: 38 groups per head, own blocks up to 37 with S = 6 */
       {1, 150, 0, 2, 2, 32, 4, 6, 0, {0}, {0}, false, false, BF16, F32, false},
@@ -347,8 +350,13 @@ static void test_topk_tensor_cores_tpw(void **state) {
        BF16, BF16, false},
       /* G = 16 with one m-tile a warp (its default is two: MT = 2), f32 k_cmp */
       {1, 70, 0, 32, 2, 64, 4, 5, 0, {0}, {0}, false, false, BF16, F32, false},
-      /* G = 4, MT = 2: eight tokens a warp; counts */
+      /* G = 4, MT = 2: eight tokens a warp (four register lists a lane); counts */
       {1, 90, 0, 8, 2, 32, 4, 5, 0, {0}, {0}, true, false, BF16, BF16, false},
+      /* register lists at G = 16 (two m-tiles, every lane owning one slot a step), f32
+       * k_cmp, exact ties */
+      {1, 110, 0, 32, 2, 64, 4, 7, 0, {0}, {0}, false, true, BF16, F32, false},
+      /* importance arrays at G = 2 (lists by default), counts */
+      {1, 90, 0, 4, 2, 32, 4, 8, 0, {0}, {0}, true, false, BF16, BF16, false},
   };
   // clang-format on
   int ties = 0;
