@@ -65,8 +65,9 @@
  * Masked pairs (key position after the row's token, key past the block or sequence, row
  * past the group's rows) get P = dS = 0; loads of keys or rows past the end read zeros
  * (dq; dk/dv: keys) or a clamped row (dk/dv: rows).
- * The selection list (selection_rows) and the mask expansion (mask_expand) come from
- * cl/bwd_mask.cl, which precedes both kernel files.
+ * The selection list (selection_rows) comes from cl/bwd_mask.cl, the selection-mask
+ * expansion (kvm_mask_fill: a list of up to 32 MASK_WORDS tokens at a time) and each
+ * token's slot (kvm_block_slots) from cl/kvm_rows.cl; both precede this file.
  */
 #ifndef DK
 #define DK 128
@@ -511,8 +512,8 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
     __global const int *sel, long offsets_off, long slot_row_off, long slot_word_off,
     __global float *ws, long gate_off, long delta_off, long dk_off, long dv_off, float scale,
     int BS, SEQ_ARGS) {
-  __local int list[MASK_WORDS * 32];
-  __local uint words[MASK_WORDS];
+  __local int list[32 * MASK_WORDS];
+  __local uint words[32 * KV_NW];
 #if KV_LOCAL
   __local uint4 kvl[2 * (DKC + DVC) * 32 * KV_NW] __attribute__((aligned(16)));
 #endif
@@ -571,12 +572,14 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
   const int wend = slot + 1 < offsets[srow + 1] ? sel[slot_word_off + slot + 1]
                                                 : (blk.tk + 31) / 32;
   __local uint4 *rows = rbuf, *rsc = sbuf;
-  /* the group's walk, MASK_WORDS words of the mask at a time (the same trip counts and
-   * barriers for every warp: nrows is the group's); each window stages its first step
-   * before its step loop (mask_expand's first barrier: every warp is past the previous
-   * window's steps), every step the next one */
-  for (int w0 = sel[slot_word_off + slot]; w0 < wend; w0 += MASK_WORDS) {
-    const int nrows = mask_expand(mrow, w0, wend, words, list) * G, nsteps = (nrows + 15) / 16;
+  /* the group's walk, as many tokens at a time as the list holds (the same trip counts
+   * and barriers for every warp: nrows is the group's); each list stages its first step
+   * before its step loop (kvm_mask_fill's first barrier: every warp is past the previous
+   * list's steps), every step the next one */
+  for (int w = sel[slot_word_off + slot]; w < wend;) {
+    int ntok = 0;
+    w = kvm_mask_fill(mrow, w, wend, 0, INT_MAX, 32 * MASK_WORDS, 32 * KV_NW, words, list, &ntok);
+    const int nrows = ntok * G, nsteps = (nrows + 15) / 16;
     uint4 sc = sel_stage(rows, nsteps > 0, 0, nrows, list, blk, h, G, kend, TPASS(q),
                          TPASS(dout), TPASS(lse), gate, delta, TQ, HQ);
     cp_async_commit();
@@ -661,6 +664,7 @@ __kernel __attribute__((reqd_work_group_size(32 * KV_NW, 1, 1))) void bwd_dkdv_s
 #endif
 #define KVQ_LD8(ld, j, u) ((j) * (ld) + ((ld) % 8 == 0 ? (u) ^ (((j) & 1) << 2) : (u)))
 #define KVQ_KEYS ((KVQ_BS + 15) / 16 * 16) /* staged rows: whole 16-key steps */
+#define KVQ_LIST 512 /* tokens a group lists at once (cl/kvm_rows.cl) */
 /* staged k rows: (DK / 8) | 4 units (4 mod 8), RSWZ-swizzled as the dk/dv stages, for
  * the transposed reads of dq += dS K (mma_rows_ldm) */
 #define KVQ_KLD ((DK / 8) | 4)
@@ -688,8 +692,8 @@ __kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_se
     float scale, int S, SEQ_ARGS) {
   __local uint4 kst[KVQ_KEYS * KVQ_KLD] __attribute__((aligned(16)));
   __local uint4 vst[KVQ_KEYS * (DV / 8)] __attribute__((aligned(16)));
-  __local int list[MASK_WORDS * 32], tslot[MASK_WORDS * 32];
-  __local uint words[MASK_WORDS];
+  __local int list[KVQ_LIST], tslot[KVQ_LIST];
+  __local uint words[32 * KVQ_NW];
   WARP_SCRATCH(wx);
   __global const int *offsets = sel + offsets_off;
   const int slot = get_group_id(0), nsel = H * B * NB;
@@ -725,16 +729,13 @@ __kernel __attribute__((reqd_work_group_size(32 * KVQ_NW, 1, 1))) void bwd_dq_se
   }
   const float sl2 = scale * M_LOG2E_F;
   __global const uint *mrow = mask + mask_off + (long)srow * NCH;
-  for (int w0 = wfirst; w0 < wend; w0 += MASK_WORDS) {
-    const int ntok = mask_expand_in(mrow, w0, wend, tlo, thi, words, list), nrows = ntok * G;
-    /* each token's first slot naming the block, one (token, slot) pair an item */
-    for (int x = lid; x < ntok; x += 32 * KVQ_NW) tslot[x] = S - 1;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int i = lid; i < ntok * S; i += 32 * KVQ_NW) {
-      const int x = i / S, s = i - x * S;
-      if (bi[TIDX(bi, blk.b, blk.kstart + list[x], h) + s] == blk.c) atomic_min(&tslot[x], s);
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
+  for (int w = wfirst; w < wend;) {
+    /* as many of the pass's tokens as the list holds, and each one's slot naming the block */
+    int ntok = 0;
+    w = kvm_mask_fill(mrow, w, wend, tlo, thi, KVQ_LIST, 32 * KVQ_NW, words, list, &ntok);
+    kvm_block_slots(TPASS(bi), blk.b, blk.kstart, h, blk.c, S, list, ntok, 32 * KVQ_NW,
+                    tslot);
+    const int nrows = ntok * G;
     for (int f0 = 16 * warp; f0 < nrows; f0 += 16 * KVQ_NW) {
       /* this lane's rows f0 + gid (+ 8): token list[x], head g */
       float lse2[2], del[2], gt[2];

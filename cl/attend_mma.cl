@@ -279,7 +279,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   __local uint msk[1];
 #elif MODE == 3
   __local int list[LCAP], tslot[LCAP];
-  __local uint words[32], msk[1];
+  __local uint words[WG], msk[1];
 #else
   __local int list[1];
   __local uint msk[1];

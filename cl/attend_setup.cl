@@ -203,13 +203,14 @@ typedef struct kvm_chunk {
 
 /* The chunk's tokens (positions in their sequence, increasing) into list[], and for each
  * the first slot of its block_indices row that names c into tslot[] (where the partial
- * result goes). words[] holds 32 mask words. Contains barriers: call from every item. */
-inline kvm_chunk kvm_setup(__global const uint *mask, long mask_off, int NCH,
-                           __global const int *sel, long offsets_off, long slot_row_off,
-                           long slot_word_off, CITENSOR(bi), int S, SEQ_ARGS,
-                           __local uint *words, __local int *list, __local int *tslot) {
+ * result goes), by cl/kvm_rows.cl. words[] holds WG mask words. Contains barriers: call
+ * from every item. */
+inline __attribute__((always_inline)) kvm_chunk
+kvm_setup(__global const uint *mask, long mask_off, int NCH, __global const int *sel,
+          long offsets_off, long slot_row_off, long slot_word_off, CITENSOR(bi), int S, SEQ_ARGS,
+          __local uint *words, __local int *list, __local int *tslot) {
   kvm_chunk k;
-  const int lid = get_local_id(0), slot = get_group_id(0);
+  const int slot = get_group_id(0);
   __global const int *offsets = sel + offsets_off;
   (void)TQ, (void)HQ;
   k.ntok = -1;
@@ -220,33 +221,11 @@ inline kvm_chunk kvm_setup(__global const uint *mask, long mask_off, int NCH,
   const int w0 = sel[slot_word_off + slot];
   const int wend = slot + 1 < offsets[srow + 1] ? sel[slot_word_off + slot + 1] : (k.blk.tk + 31) / 32;
   __global const uint *mrow = mask + mask_off + (long)srow * NCH;
+  /* the host sizes LCAP for the longest chunk, so one fill takes all its words */
   int n = 0;
-  for (int wb = w0; wb < wend; wb += 32) { /* 32 words a round, one per item */
-    LBARRIER();
-    for (int i = lid; i < 32; i += WG) words[i] = wb + i < wend ? mrow[wb + i] : 0u;
-    LBARRIER();
-    for (int i = lid; i < 32; i += WG) {
-      int before = 0;
-      for (int w = 0; w < i; w++) before += (int)popcount(words[w]);
-      const uint bits = words[i];
-      for (int x = 0; x < 32; x++)
-        if ((bits >> x) & 1u && n + before < LCAP) list[n + before++] = (wb + i) * 32 + x;
-    }
-    for (int w = 0; w < 32; w++) n += (int)popcount(words[w]);
-  }
-  LBARRIER();
-  k.ntok = min(n, LCAP); /* the host sizes LCAP for the longest chunk */
-  /* each token's first slot naming c: one (token, slot) pair an item, so the loads are
-   * independent and a token's S entries adjacent (a per-token scan was a chain of S
-   * dependent loads); the smallest slot wins through an integer local atomic */
-  for (int x = lid; x < k.ntok; x += WG) tslot[x] = S - 1;
-  LBARRIER();
-  for (int i = lid; i < k.ntok * S; i += WG) {
-    const int x = i / S, s = i - x * S;
-    if (bi[TIDX(bi, k.blk.b, k.blk.kstart + list[x], k.h) + s] == k.blk.c)
-      atomic_min(&tslot[x], s);
-  }
-  LBARRIER();
+  kvm_mask_fill(mrow, w0, wend, 0, INT_MAX, LCAP, WG, words, list, &n);
+  k.ntok = n;
+  kvm_block_slots(TPASS(bi), k.blk.b, k.blk.kstart, k.h, k.blk.c, S, list, n, WG, tslot);
   return k;
 }
 

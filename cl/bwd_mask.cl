@@ -5,22 +5,14 @@
 #define MASK_WORDS 16 /* selection-mask words expanded at once; at most the work-group size */
 #endif
 
-/* The bits of mask word w (tokens 32 w .. 32 w + 31) for tokens in [tlo, thi). */
-inline uint token_bits(int w, int tlo, int thi) {
-  const int a = clamp(tlo - 32 * w, 0, 32), e = clamp(thi - 32 * w, 0, 32);
-  const uint below_e = e == 32 ? ~0u : (1u << e) - 1u, below_a = a == 32 ? ~0u : (1u << a) - 1u;
-  return below_e & ~below_a;
-}
-
 /* Expands words [w0, min(w0 + MASK_WORDS, wend)) of a selection-mask row (bit x of word w:
- * token 32 w + x selected the block) into list[], in increasing token order, keeping only
- * tokens in [tlo, thi); returns the count. Starts and ends with a barrier. */
-inline int mask_expand_in(__global const uint *mrow, int w0, int wend, int tlo, int thi,
-                          __local uint *words, __local int *list) {
+ * token 32 w + x selected the block) into list[], in increasing token order; returns the
+ * count. Starts and ends with a barrier. */
+inline int mask_expand(__global const uint *mrow, int w0, int wend, __local uint *words,
+                       __local int *list) {
   const int lid = get_local_id(0);
   barrier(CLK_LOCAL_MEM_FENCE); /* the previous list consumed */
-  if (lid < MASK_WORDS)
-    words[lid] = w0 + lid < wend ? mrow[w0 + lid] & token_bits(w0 + lid, tlo, thi) : 0u;
+  if (lid < MASK_WORDS) words[lid] = w0 + lid < wend ? mrow[w0 + lid] : 0u;
   barrier(CLK_LOCAL_MEM_FENCE);
   int before = 0, n = 0;
   for (int w = 0; w < MASK_WORDS; w++) {
@@ -35,12 +27,6 @@ inline int mask_expand_in(__global const uint *mrow, int w0, int wend, int tlo, 
   }
   barrier(CLK_LOCAL_MEM_FENCE);
   return n;
-}
-
-/* mask_expand_in over every token. */
-inline int mask_expand(__global const uint *mrow, int w0, int wend, __local uint *words,
-                       __local int *list) {
-  return mask_expand_in(mrow, w0, wend, 0, INT_MAX, words, list);
 }
 
 /* The valid blocks (0 <= c <= ic) of one (token, kv head) selection row, deduplicated,

@@ -55,7 +55,7 @@
 #define BRANCH_CMP 1
 #define BRANCH_SWA 2
 #define SEL_CHUNK 1024        /* tokens per chunk of a block's selecting tokens */
-#define BWD_MMA_MASK_WORDS 16 /* mask words the tensor-core kernels expand at once */
+#define BWD_MMA_MASK_WORDS 16 /* the tensor-core dk/dv lists 32 x this many tokens at once */
 #define CMP_CHUNK_MIN 256     /* tokens per chunk of the compressed key-side work, at least */
 #define CMP_CHUNKS_MAX 32     /* and at most this many chunks */
 
@@ -114,17 +114,18 @@ static void scratch_layout(const nsa_dims *d, size_t kvq_tokens, bwd_layout *l) 
 
 /* Warps per group of bwd_dq_selected_kvm_mma and the local bytes it declares (staged K
  * and V rows of a block in whole 16-key steps, K rows padded to (DK / 8) | 4 units of 16
- * bytes: KVQ_KLD; two mask windows of tokens, their words).
+ * bytes: KVQ_KLD; the token list and each token's slot, KVQ_LIST entries each; a mask
+ * word an item).
  * Two warps: more groups per SM (H100, bf16, 64k: backward 15.6 -> 13.5 ms at G = 1,
  * 35.2 -> 33.7 at G = 4, against four; within 1.5 % at 16k). */
 static int kvq_warps(bool emulate) {
   return emulate ? 1 : tuning_env_int("KVQ_NW", 2, 1);
 }
+#define KVQ_LIST 512 /* as in cl/attend_bwd_mma.cl */
 static size_t kvq_local_bytes(const nsa_dims *d, bool emulate) {
   const size_t keys = ((size_t)d->BS + 15) / 16 * 16;
-  return keys * (16 * (size_t)((d->DK / 8) | 4) + 2 * (size_t)d->DV) +
-         2 * 4 * 32 * (size_t)BWD_MMA_MASK_WORDS +
-         4 * (size_t)BWD_MMA_MASK_WORDS + (emulate ? 4 * 32 * 6 : 0);
+  return keys * (16 * (size_t)((d->DK / 8) | 4) + 2 * (size_t)d->DV) + 2 * 4 * KVQ_LIST +
+         4 * 32 * (size_t)kvq_warps(emulate) + (emulate ? 4 * 32 * 6 : 0);
 }
 
 /* The q, k, v part of bwd_mma_fits (below): one 16-bit type, head dims in 32-wide chunks
@@ -399,8 +400,9 @@ static bool bwd_mma_configure(const clnsa_context *ctx, const nsa_dims *d, bool 
   /* the selected dq: its selection list, merge rows and q / do A fragments (DQ_QLOCAL) */
   const size_t dq_bytes = 4 * (3 * (size_t)CLNSA_MAX_BLOCK_COUNT + 16 * ((size_t)d->DK + 4)) +
                           16 * 2 * 32 * (size_t)(d->DK / 32 + d->DV / 32);
-  const size_t kv_list = 4 * 33 * (size_t)BWD_MMA_MASK_WORDS + dkdv_stage_bytes(d);
-  const size_t kv_warp = sel_dkdv_warp_bytes(d);
+  /* the token list and the stages a group; a warp's fragments, a mask word an item */
+  const size_t kv_list = 4 * 32 * (size_t)BWD_MMA_MASK_WORDS + dkdv_stage_bytes(d);
+  const size_t kv_warp = sel_dkdv_warp_bytes(d) + 4 * 32;
   while (p->kv_nw > 1 && (kv_list + kv_warp * p->kv_nw + scratch > room || per_block % p->kv_nw))
     p->kv_nw--;
   const size_t kv_bytes = kv_list + kv_warp * p->kv_nw;
@@ -506,7 +508,8 @@ static clnsa_status plan_kernels(clnsa_context *ctx, bwd_plan *p) {
     options_add_dtype(&ot, "DO", p->d_o);
     options_add(&ot, " -DKC_DT=%d -DVC_DT=%d", (int)p->k_cmp.dtype, (int)p->v_cmp.dtype);
     tuning_env_override(&ot); /* kernel-only defines (KT, CKT, CV_SPLIT) for experiments */
-    const char *file = "warp_ops.cl+bwd_mask.cl+attend_bwd_mma.cl+attend_bwd_cmp_mma.cl";
+    const char *file =
+        "warp_ops.cl+kvm_rows.cl+bwd_mask.cl+attend_bwd_mma.cl+attend_bwd_cmp_mma.cl";
     CHECK_STATUS(program_kernel(ctx, file, ot.text,
                                 p->kvq ? "bwd_dq_selected_kvm_mma" : "bwd_dq_selected_mma",
                                 &p->dq[BRANCH_SLC]));

@@ -70,7 +70,8 @@ static bool kvm_configure(const clnsa_context *ctx, const nsa_dims *d, bool emul
   /* a chunk closes at the word that reaches chunk_tokens: at most 31 more. The capacity
    * does not depend on G, so one build serves every G (the emulation's builds are slow) */
   c->lcap = passes * c->rows + 32;
-  size_t bytes = 16 * (size_t)c->rows + 8 * (size_t)c->lcap + 4 * 33;
+  /* rtok, rhq, rlo, rhi; list and tslot; a mask word an item and msk */
+  size_t bytes = 16 * (size_t)c->rows + 8 * (size_t)c->lcap + 4 * (32 * (size_t)c->nw + 1);
   if (emulate) bytes += 4 * 32 * 6;
   /* staged K and V (V rows padded by 16 bytes: cl/attend_mma.cl's VLDM) */
   const size_t tile = (size_t)c->kt * (2 * (size_t)(d->DK + d->DV) + 16);
@@ -143,9 +144,8 @@ clnsa_status selected_kvm_enqueue(clnsa_context *ctx, const nsa_dims *d, const c
   options_add_dtype(&opt, "O", &part_o);
   tuning_env_override(&opt);
   cl_kernel attend, merge;
-  CHECK_STATUS(
-      program_kernel(ctx, "warp_ops.cl+attend_setup.cl+attend_mma.cl", opt.text, "attend_mma_fwd",
-                     &attend));
+  CHECK_STATUS(program_kernel(ctx, "warp_ops.cl+kvm_rows.cl+attend_setup.cl+attend_mma.cl",
+                              opt.text, "attend_mma_fwd", &attend));
   const int dv4 = d->DV / 4, rpg = dv4 >= 128 ? 1 : 128 / dv4;
   build_options om = {{0}, 0};
   options_add(&om, "-DWIDTH=%d -DRPG=%d -DBS=%d", d->DV, rpg, d->BS);
