@@ -90,9 +90,11 @@ clnsa_status selected_kvm_plan(clnsa_context *ctx, const nsa_dims *d, const clns
                                bool *use, size_t *scratch_bytes) {
   *use = false;
   *scratch_bytes = 0;
-  /* H100, bf16, D = 128 (docs/PERFORMANCE.md): the forward gains 36 % at G = 1, 23 % at
-   * G = 2 (T = 65536); at G = 4 it loses at T = 16384 and ties at 65536, at G = 8 it loses */
-  const int max_g = tuning_env_int("KVM_MAX_G", 2, 0);
+  /* H100, bf16, D = 128 (docs/PERFORMANCE.md): the forward gained 36 % at G = 1, 23 % at
+   * G = 2 (T = 65536). Since the token lists fill across mask words (cl/kvm_rows.cl) it
+   * gains at G = 4 too (H200: 4.32 -> 3.48 ms at 16k, 22.3 -> 17.0 at 64k) and still loses
+   * at G = 8 (5.41 -> 6.37, 27.7 -> 30.5). */
+  const int max_g = tuning_env_int("KVM_MAX_G", 4, 0);
   if (d->G > max_g || d->NB == 0 || d->S < 1 || !dims_full_sequences(d) ||
       k->dtype != q->dtype || v->dtype != q->dtype || !attend_mma_fits(d, q, k, v))
     return CLNSA_SUCCESS;

@@ -533,8 +533,8 @@ static void test_forward_tf32(void **state) {
 
 /* f16 / bf16 with G <= 4 on the tensor-core path: the selected branch runs kv-block-major
  * (src/selected_kvm.c: chunks of the tokens that selected each block, partial results per
- * slot, merged by lse) for G <= 2, and, as `test_forward tensor-cores` (CLNSA_TUNE
- * KVM_MAX_G=4), for all of them. Block 0 is every token's, so its chunks take several
+ * slot, merged by lse) for all of them (the default KVM_MAX_G = 4, which
+ * `test_forward tensor-cores` also sets). Block 0 is every token's, so its chunks take several
  * passes of rows; G = 1, 2, 3, 4, per-token counts, varlen, caller indices with duplicates
  * and blocks past the query's own, a window beside it, a misaligned workspace, and blocks
  * of 64 keys whose staged tiles serve every pass of a chunk. */
@@ -625,7 +625,7 @@ int main(int argc, char **argv) {
                                        cmocka_unit_test(test_forward_kvm),
                                        cmocka_unit_test(test_forward_cmp16)};
   const bool tc = harness_tensor_cores_mode(ctx, argc, argv);
-  if (tc) harness_tune_append("KVM_MAX_G=4"); /* kv-block-major for G 3, 4 too (default <= 2) */
+  if (tc) harness_tune_append("KVM_MAX_G=4"); /* the default; kept so G 3, 4 stay covered */
   int rc = tc ? cmocka_run_group_tests(tc_only, NULL, NULL) : cmocka_run_group_tests(tests, NULL, NULL);
   clock_gettime(CLOCK_MONOTONIC, &t1);
   printf("# forward: %.1f s, %d rows decided by near-ties\n",
