@@ -20,9 +20,12 @@
  *    block of one kv head and a chunk of the tokens that selected it (cl/select_mask.cl),
  *    in passes of ROWS rows laid out as in MODE 0/1, and walks the block's keys with staged
  *    tiles, which the first pass stages and the others reuse where local memory holds the
- *    whole block (KVM_RES; H100, G = 1, 2: forward 2.5-5.7 % faster). Each row's result over that one block (output normalised by its own sum, and
- *    its lse) goes to the row's partial slot, the position of the block in the token's
- *    block_indices row; cl/selected_merge.cl then merges a row's slots. With G = 1 a MODE 2
+ *    whole block (KVM_RES; H100, G = 1, 2: forward 2.5-5.7 % faster). Each row's result
+ *    over that one block (output normalised by its own sum, and its lse) goes to the row's
+ *    partial slot, the position of the block in the token's block_indices row;
+ *    cl/selected_merge.cl then merges a row's slots. A launch covers the tokens b TQ + t in
+ *    [r0, r1) (src/selected_kvm.c bounds the partials' bytes by passes over the tokens):
+ *    a chunk lists only those, and partial rows are numbered from r0. With G = 1 a MODE 2
  *    tile packs 16 tokens whose block lists barely overlap, so each token reads its 16
  *    blocks' K/V nearly alone and 15 of 16 rows of each mma are masked; here every K/V
  *    block is read once per chunk and every mma row is a real (token, head).
@@ -256,7 +259,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     TENSOR(0, lse), SEQ_ARGS, float scale, int W, int S, int tiles
 #if MODE == 3
     , __global const uint *mask, long mask_off, int NCH, __global const int *sel, long offsets_off,
-    long slot_row_off, long slot_word_off
+    long slot_row_off, long slot_word_off, long r0, long r1
 #endif
 ) {
   __local int rtok[ROWS], rhq[ROWS], rlo[ROWS], rhi[ROWS];
@@ -298,7 +301,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
   const attend_rows rows = {rtok, rhq, rlo, rhi};
 #if MODE == 3
   const kvm_chunk kc = kvm_setup(mask, mask_off, NCH, sel, offsets_off, slot_row_off, slot_word_off,
-                                 TPASS(bi), S, SEQ_PASS, words, list, tslot);
+                                 TPASS(bi), S, SEQ_PASS, r0, r1, words, list, tslot);
   if (kc.ntok < 0) return; /* past the last chunk: the whole group */
   const int h = kc.h;
 #else
@@ -717,16 +720,20 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
 #endif
 
 #else /* MODE 0/1/3: each warp writes its own rows (MODE 3: into the row's partial slot) */
-#if MODE == 3
+#if MODE == 3 /* partial rows (token b TQ + t, head) numbered from the pass's first token */
 #define ROW_SLOT(rh) tslot[(pass * ROWS + rbase + gid + 8 * (rh)) / G]
+#define OUT_ROW(t, hq) (o_off + (((long)grp.b * TQ + (t) - r0) * HQ + (hq)) * o_s2)
+#define LSE_ROW(t, hq) (lse_off + (((long)grp.b * TQ + (t) - r0) * HQ + (hq)) * lse_s2)
 #else
 #define ROW_SLOT(rh) 0
+#define OUT_ROW(t, hq) TIDX(o, grp.b, t, hq)
+#define LSE_ROW(t, hq) TIDX(lse, grp.b, t, hq)
 #endif
 #pragma unroll
   for (int rh = 0; rh < RH; rh++) {
     if (ROW_TOK(rh) < 0) continue;
     const float inv = l[rh] > 0.0f ? 1.0f / l[rh] : 0.0f;
-    const long base = TIDX(o, grp.b, ROW_TOK(rh), ROW_HQ(rh)) + (long)ROW_SLOT(rh) * DV;
+    const long base = OUT_ROW(ROW_TOK(rh), ROW_HQ(rh)) + (long)ROW_SLOT(rh) * DV;
 #pragma unroll
     for (int c = 0; c < DVC; c++) {
 #pragma unroll
@@ -741,7 +748,7 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void attend_mma_fwd(
     }
 #if HAS_LSE
     if (tig == 0)
-      lse[TIDX(lse, grp.b, ROW_TOK(rh), ROW_HQ(rh)) + ROW_SLOT(rh)] =
+      lse[LSE_ROW(ROW_TOK(rh), ROW_HQ(rh)) + ROW_SLOT(rh)] =
           l[rh] > 0.0f ? (m[rh] + log2(l[rh])) * M_LN2_F : -INFINITY;
 #endif
   }

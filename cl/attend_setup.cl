@@ -201,18 +201,18 @@ typedef struct kvm_chunk {
   crow blk;    /* the block: batch element, index c, its sequence's first key and length */
 } kvm_chunk;
 
-/* The chunk's tokens (positions in their sequence, increasing) into list[], and for each
- * the first slot of its block_indices row that names c into tslot[] (where the partial
- * result goes), by cl/kvm_rows.cl. words[] holds WG mask words. Contains barriers: call
- * from every item. */
+/* The chunk's tokens (positions in their sequence, increasing) among this pass's, b TQ + t
+ * in [r0, r1), into list[], and for each the first slot of its block_indices row that
+ * names c into tslot[] (where the partial result goes), by cl/kvm_rows.cl. words[] holds
+ * WG mask words. Contains barriers: call from every item. */
 inline __attribute__((always_inline)) kvm_chunk
 kvm_setup(__global const uint *mask, long mask_off, int NCH, __global const int *sel,
           long offsets_off, long slot_row_off, long slot_word_off, CITENSOR(bi), int S, SEQ_ARGS,
-          __local uint *words, __local int *list, __local int *tslot) {
+          long r0, long r1, __local uint *words, __local int *list, __local int *tslot) {
   kvm_chunk k;
   const int slot = get_group_id(0);
   __global const int *offsets = sel + offsets_off;
-  (void)TQ, (void)HQ;
+  (void)HQ;
   k.ntok = -1;
   if (slot >= offsets[H * B * NB]) return k; /* uniform over the group */
   const int srow = sel[slot_row_off + slot];
@@ -221,9 +221,14 @@ kvm_setup(__global const uint *mask, long mask_off, int NCH, __global const int 
   const int w0 = sel[slot_word_off + slot];
   const int wend = slot + 1 < offsets[srow + 1] ? sel[slot_word_off + slot + 1] : (k.blk.tk + 31) / 32;
   __global const uint *mrow = mask + mask_off + (long)srow * NCH;
-  /* the host sizes LCAP for the longest chunk, so one fill takes all its words */
+  /* the pass's tokens of the chunk's sequence, [tlo, thi), and the words that hold them;
+   * the host sizes LCAP for the longest chunk, so one fill takes all its words */
+  const long sb = (long)k.blk.b * TQ + k.blk.kstart;
+  const int tlo = (int)clamp(r0 - sb, 0L, (long)k.blk.tk);
+  const int thi = (int)clamp(r1 - sb, 0L, (long)k.blk.tk);
+  const int wa = max(w0, tlo / 32), wb = min(wend, (thi + 31) / 32);
   int n = 0;
-  kvm_mask_fill(mrow, w0, wend, 0, INT_MAX, LCAP, WG, words, list, &n);
+  if (wa < wb) kvm_mask_fill(mrow, wa, wb, tlo, thi, LCAP, WG, words, list, &n); /* uniform */
   k.ntok = n;
   kvm_block_slots(TPASS(bi), k.blk.b, k.blk.kstart, k.h, k.blk.c, S, list, n, WG, tslot);
   return k;

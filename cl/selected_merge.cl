@@ -13,7 +13,7 @@
  * Work-group: RPG rows x WIDTH/4 items, item d4 of a row owns dims 4 d4 .. 4 d4 + 3 (WIDTH,
  * DV or DK, is a multiple of 32 on these paths). The row's valid slots are found once, in
  * local memory. Partials: [rows, S, WIDTH] (and the forward's lse [rows, S]) f32 at
- * element offsets of ws, rows numbered (b TQ + t) HQ + hq.
+ * element offsets of ws, rows numbered (b TQ + t) HQ + hq from a pass's first, R0.
  */
 #ifndef WIDTH
 #define WIDTH 128
@@ -47,17 +47,18 @@ inline qrow merge_slots(CITENSOR(bi), long R, int S, __local uchar *valid, SEQ_A
   return q;
 }
 
+/* Rows R0 .. R0 + nrows - 1 (one pass of the kv-block-major forward: partial row R - R0). */
 __kernel __attribute__((reqd_work_group_size(DV / 4, RPG, 1))) void selected_merge(
     CITENSOR(bi), __global const float *ws, long po, long pl, TENSOR(0, o), TENSOR(0, lse), int S,
-    SEQ_ARGS) {
+    long R0, long nrows, SEQ_ARGS) {
   __local uchar valid_all[RPG][MAX_S];
   __local uchar *valid = valid_all[get_local_id(1)];
   const int d4 = get_local_id(0);
-  const long R = get_global_id(1);
+  const long i = get_global_id(1), R = i < nrows ? R0 + i : (long)B * TQ * HQ; /* else none */
   const qrow q = merge_slots(TPASS(bi), R, S, valid, SEQ_PASS);
   if (R >= (long)B * TQ * HQ) return;
   const int hq = (int)(R % HQ);
-  __global const float *lp = ws + pl + R * S;
+  __global const float *lp = ws + pl + i * S;
   float M = -INFINITY;
   for (int x = 0; x < S; x++)
     if (valid[x]) M = fmax(M, lp[x]);
@@ -66,7 +67,7 @@ __kernel __attribute__((reqd_work_group_size(DV / 4, RPG, 1))) void selected_mer
     if (valid[x] && lp[x] != -INFINITY) L += exp(lp[x] - M);
   const float lse_row = L > 0.0f ? M + log(L) : -INFINITY;
   float4 acc = (float4)(0.0f);
-  __global const float *op = ws + po + R * S * DV + 4 * d4;
+  __global const float *op = ws + po + i * S * DV + 4 * d4;
   for (int x = 0; x < S; x++) {
     if (!valid[x] || lp[x] == -INFINITY) continue;
     const float w = exp(lp[x] - lse_row);

@@ -166,21 +166,10 @@ static clnsa_status kvq_pass_tokens(clnsa_context *ctx, const nsa_dims *d,
     return CLNSA_SUCCESS;
   bwd_layout l;
   scratch_layout(d, 0, &l);
-  const size_t room = ws_scratch_room(ctx, d, in), all = (size_t)d->B * d->TQ;
-  const size_t per_token = 4 * (size_t)d->HQ * d->S * d->DK, align = 256;
-  size_t budget = room > l.end + align ? room - l.end - align : 0;
-  const size_t cap = (size_t)tuning_env_int("KVQ_PART_MB", 0, 1) << 20;
-  if (cap && cap < budget) budget = cap;
-  size_t pt = budget / per_token;
-  pt = pt < all ? pt : all;
-  const int fixed = tuning_env_int("KVQ_PASS", 0, 1);
-  if (fixed > 0 && (size_t)fixed < pt)
-    pt = (size_t)fixed;
-  else if (pt < (all < KVQ_PASS_MIN ? all : KVQ_PASS_MIN))
-    pt = 0;
-  else /* passes of equal size: no short last pass, fewer bytes reserved */
-    pt = ceil_div(all, ceil_div(all, pt));
-  *tokens = pt;
+  const size_t room = ws_scratch_room(ctx, d, in), align = 256;
+  const size_t budget = room > l.end + align ? room - l.end - align : 0;
+  *tokens = ws_pass_tokens((size_t)d->B * d->TQ, budget, 4 * (size_t)d->HQ * d->S * d->DK,
+                           "KVQ_PART_MB", "KVQ_PASS", KVQ_PASS_MIN);
   return CLNSA_SUCCESS;
 }
 

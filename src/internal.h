@@ -245,18 +245,19 @@ clnsa_status selected_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa
                               const clnsa_tensor *block_indices, const clnsa_tensor *o,
                               const clnsa_tensor *lse, enqueue_chain *c);
 /* selected_kvm.c (MODE 3 of cl/attend_mma.cl, cl/selected_merge.cl): the selected
- * branch in kv-block-major order, for small G on the tensor-core path. *use says whether
- * it takes these inputs; *scratch_bytes is what it needs after the forward's regions,
- * at most room (else it declines: ws_scratch_room). */
+ * branch in kv-block-major order, for small G on the tensor-core path. *range_tokens is
+ * the tokens one launch covers (0: it does not take these inputs); *scratch_bytes is what
+ * it needs after the forward's regions, at most room (ws_scratch_room). */
 clnsa_status selected_kvm_plan(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
                                const clnsa_tensor *k, const clnsa_tensor *v, size_t room,
-                               bool *use, size_t *scratch_bytes);
-/* Same outputs as selected_enqueue; scratch is the byte offset of its region in buf. */
+                               size_t *range_tokens, size_t *scratch_bytes);
+/* Same outputs as selected_enqueue; scratch is the byte offset of its region in buf,
+ * range_tokens the plan's. */
 clnsa_status selected_kvm_enqueue(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
                                   const clnsa_tensor *k, const clnsa_tensor *v,
                                   const clnsa_tensor *block_indices, const clnsa_tensor *o,
                                   const clnsa_tensor *lse, cl_mem buf, size_t scratch,
-                                  enqueue_chain *c);
+                                  size_t range_tokens, enqueue_chain *c);
 
 /* select_mask.c (cl/select_mask.cl): the selection turned around, for the backward and
  * for selected_kvm.c: per (kv head, block) a bit mask of the tokens that chose it, cut
@@ -328,6 +329,13 @@ size_t ws_reserve(size_t *at, size_t elems);
  * (kv-block-major forward and dq) are declined beyond it rather than ask for a workspace
  * no buffer can hold. */
 size_t ws_scratch_room(const clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in);
+/* Tokens (b TQ + t) a pass of a kv-block-major kernel covers, so that a pass's partials,
+ * per_token bytes a token, fit budget: as few passes as fit, of equal size. CLNSA_TUNE's
+ * cap_mb caps a pass's partials at that many MiB, fixed_tokens sets the tokens a pass
+ * below that (tests: many passes on small shapes). 0 where a pass would hold fewer than
+ * min_pass tokens (and fewer than all): the caller then runs its query-major kernel. */
+size_t ws_pass_tokens(size_t all, size_t budget, size_t per_token, const char *cap_mb,
+                      const char *fixed_tokens, size_t min_pass);
 
 /* backward.c: bytes of scratch the backward needs after the forward's regions (0 where
  * no backward exists). */

@@ -109,6 +109,19 @@ size_t ws_scratch_room(const clnsa_context *ctx, const nsa_dims *d, const clnsa_
   return most > l.scratch ? most - l.scratch : 0;
 }
 
+size_t ws_pass_tokens(size_t all, size_t budget, size_t per_token, const char *cap_mb,
+                      const char *fixed_tokens, size_t min_pass) {
+  const size_t cap = (size_t)tuning_env_int(cap_mb, 0, 1) << 20;
+  if (cap && cap < budget) budget = cap;
+  size_t pt = budget / per_token;
+  pt = pt < all ? pt : all;
+  const int fixed = tuning_env_int(fixed_tokens, 0, 1);
+  if (fixed > 0 && (size_t)fixed < pt) return (size_t)fixed;
+  if (pt == 0 || pt < (all < min_pass ? all : min_pass)) return 0;
+  const size_t passes = (all + pt - 1) / pt; /* of equal size: no short last pass */
+  return (all + passes - 1) / passes;
+}
+
 /* Bytes of the forward's regions, and with `backward` the backward's scratch after them. */
 static clnsa_status workspace_size(clnsa_context *ctx, const clnsa_params *params,
                                    const clnsa_inputs *in, bool backward, size_t *bytes) {
@@ -118,10 +131,9 @@ static clnsa_status workspace_size(clnsa_context *ctx, const clnsa_params *param
   CHECK_STATUS(inputs_validate(ctx, params, in, &d));
   ws_layout l;
   workspace_layout(&d, window_runs(&d, in), &l);
-  bool kvm;
-  size_t scratch;
-  CHECK_STATUS(selected_kvm_plan(ctx, &d, in->q, in->k, in->v, ws_scratch_room(ctx, &d, in), &kvm,
-                                 &scratch));
+  size_t kvm_range, scratch;
+  CHECK_STATUS(selected_kvm_plan(ctx, &d, in->q, in->k, in->v, ws_scratch_room(ctx, &d, in),
+                                 &kvm_range, &scratch));
   size_t bwd = 0;
   if (backward) CHECK_STATUS(backward_scratch_bytes(ctx, &d, in, &bwd));
   if (bwd > scratch) scratch = bwd;
@@ -268,11 +280,12 @@ static clnsa_status combine_prepare(clnsa_context *ctx, const nsa_dims *d, const
   return CLNSA_SUCCESS;
 }
 
-/* kvm: the selected branch runs kv-block-major, its scratch at byte kvm_at of buf */
+/* kvm_range > 0: the selected branch runs kv-block-major, kvm_range tokens a launch, its
+ * scratch at byte kvm_at of buf */
 static clnsa_status forward_stages(clnsa_context *ctx, const nsa_dims *d, const clnsa_inputs *in,
-                                   bool compressed, bool window, const ws_views *v, bool kvm,
-                                   cl_mem buf, size_t kvm_at, const combine_launch *comb,
-                                   enqueue_chain *c) {
+                                   bool compressed, bool window, const ws_views *v,
+                                   size_t kvm_range, cl_mem buf, size_t kvm_at,
+                                   const combine_launch *comb, enqueue_chain *c) {
   if (compressed) {
     CHECK_STATUS(pool_enqueue(ctx, d, in->k, in->v, &v->k_cmp, &v->v_cmp, c));
     CHECK_STATUS(
@@ -283,9 +296,9 @@ static clnsa_status forward_stages(clnsa_context *ctx, const nsa_dims *d, const 
     CHECK_STATUS(topk_enqueue(ctx, d, in->q, &v->k_cmp, &v->lse_cmp, in->block_counts, &v->idx, c));
     idx = &v->idx;
   }
-  if (kvm)
+  if (kvm_range)
     CHECK_STATUS(selected_kvm_enqueue(ctx, d, in->q, in->k, in->v, idx, &v->o_slc, &v->lse_slc, buf,
-                                      kvm_at, c));
+                                      kvm_at, kvm_range, c));
   else
     CHECK_STATUS(selected_enqueue(ctx, d, in->q, in->k, in->v, idx, &v->o_slc, &v->lse_slc, c));
   if (window) CHECK_STATUS(window_enqueue(ctx, d, in->q, in->k, in->v, &v->o_swa, &v->lse_swa, c));
@@ -311,11 +324,10 @@ clnsa_status clnsa_forward(clnsa_context *ctx, const clnsa_params *params, const
   const bool compressed = in->g_cmp || !in->block_indices;
   ws_layout l;
   workspace_layout(&d, window, &l);
-  bool kvm;
-  size_t kvm_bytes;
-  CHECK_STATUS(selected_kvm_plan(ctx, &d, in->q, in->k, in->v, ws_scratch_room(ctx, &d, in), &kvm,
-                                 &kvm_bytes));
-  const size_t need = kvm ? l.scratch + kvm_bytes : l.end;
+  size_t kvm_range, kvm_bytes;
+  CHECK_STATUS(selected_kvm_plan(ctx, &d, in->q, in->k, in->v, ws_scratch_room(ctx, &d, in),
+                                 &kvm_range, &kvm_bytes));
+  const size_t need = kvm_range ? l.scratch + kvm_bytes : l.end;
   if (ws->bytes < need)
     return clnsa_fail(ctx, CLNSA_ERR_WORKSPACE,
                       "workspace has %zu bytes, this forward needs %zu "
@@ -330,12 +342,12 @@ clnsa_status clnsa_forward(clnsa_context *ctx, const clnsa_params *params, const
   enqueue_chain c;
   chain_begin_dry(&c); /* every build and tuning check first: nothing enqueued on failure */
   const size_t kvm_at = ws->offset + l.scratch;
-  CHECK_STATUS(
-      forward_stages(ctx, &d, in, compressed, window, &v, kvm, ws->buffer, kvm_at, &comb, &c));
+  CHECK_STATUS(forward_stages(ctx, &d, in, compressed, window, &v, kvm_range, ws->buffer, kvm_at,
+                              &comb, &c));
   ws->last.valid = false; /* its contents are about to be overwritten */
   chain_begin(&c, nwait, wait);
   clnsa_status st =
-      forward_stages(ctx, &d, in, compressed, window, &v, kvm, ws->buffer, kvm_at, &comb, &c);
+      forward_stages(ctx, &d, in, compressed, window, &v, kvm_range, ws->buffer, kvm_at, &comb, &c);
   if (st == CLNSA_SUCCESS) st = chain_end(ctx, &c, event);
   if (st != CLNSA_SUCCESS) {
     chain_abort(&c);

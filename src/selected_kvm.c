@@ -16,14 +16,23 @@
  *   attend_mma_fwd (MODE 3)        one group per chunk: partial o, lse per (row, slot)
  *   selected_merge                 partials -> o_slc, lse_slc
  *
+ * Where all the partials would not fit the device's largest buffer beside the rest of the
+ * workspace, the kernel and the merge run once per range of tokens (b TQ + t in [r0, r1),
+ * as few ranges as fit, of equal size, at least KVM_RANGE_MIN tokens; else the
+ * query-major kernel runs), and the scratch holds one range's partials. Each range pays
+ * its chunks' setup again (H200, bf16, G = 4, T = 65536: forward 17.0 ms in one range,
+ * 17.3 in two, 18.4 in five, 22.3 query-major; G = 1: 6.48 in one, 6.63 in two).
+ *
  * Scratch (from the given offset, each region 256-byte aligned; NC = H B NB mask rows,
- * NCH = ceil(longest sequence / 32), SLOTS = select_mask_slots, NR = B TQ HQ rows):
+ * NCH = ceil(longest sequence / 32), SLOTS = select_mask_slots, NR = RT HQ rows of a range
+ * of RT tokens):
  *   u32/i32: mask [NC, NCH]  counts [NC]  offsets [NC + 1]  slot_row, slot_word [SLOTS]
  *   f32: part_lse [NR, S]  part_o [NR, S, DV]
  */
 #include "internal.h"
 
 #define KVM_SCAN_WG 256
+#define KVM_RANGE_MIN 1024 /* fewer tokens a launch: the query-major kernel runs instead */
 
 typedef struct kvm_config {
   int nw, mt, kt, rows, chunk_tokens, lcap;
@@ -36,8 +45,10 @@ typedef struct kvm_layout {
   int nch;
 } kvm_layout;
 
-static void kvm_layout_of(const nsa_dims *d, const kvm_config *c, kvm_layout *l) {
-  const size_t nc = (size_t)d->H * d->B * d->NB, nr = (size_t)d->B * d->TQ * d->HQ;
+/* range_tokens: the tokens one launch covers (0: the layout without partials) */
+static void kvm_layout_of(const nsa_dims *d, const kvm_config *c, size_t range_tokens,
+                          kvm_layout *l) {
+  const size_t nc = (size_t)d->H * d->B * d->NB, nr = range_tokens * d->HQ;
   const size_t len = (size_t)(d->seqs ? d->seqs->max_q : d->TQ);
   const size_t slots = select_mask_slots(d, c->chunk_tokens);
   l->nch = (int)((len + 31) / 32);
@@ -87,8 +98,8 @@ static bool kvm_configure(const clnsa_context *ctx, const nsa_dims *d, bool emul
 
 clnsa_status selected_kvm_plan(clnsa_context *ctx, const nsa_dims *d, const clnsa_tensor *q,
                                const clnsa_tensor *k, const clnsa_tensor *v, size_t room,
-                               bool *use, size_t *scratch_bytes) {
-  *use = false;
+                               size_t *range_tokens, size_t *scratch_bytes) {
+  *range_tokens = 0;
   *scratch_bytes = 0;
   /* H100, bf16, D = 128 (docs/PERFORMANCE.md): the forward gained 36 % at G = 1, 23 % at
    * G = 2 (T = 65536). Since the token lists fill across mask words (cl/kvm_rows.cl) it
@@ -102,10 +113,17 @@ clnsa_status selected_kvm_plan(clnsa_context *ctx, const nsa_dims *d, const clns
   CHECK_STATUS(mma_mode(ctx, &mma));
   kvm_config c;
   if (mma == MMA_OFF || !kvm_configure(ctx, d, mma == MMA_EMULATED, &c)) return CLNSA_SUCCESS;
+  /* a range's partials, 4 HQ S (DV + 1) bytes a token, beside the rest (two regions
+   * aligned to 256 bytes); CLNSA_TUNE KVM_PART_MB caps them, KVM_RANGE fixes the tokens */
   kvm_layout l;
-  kvm_layout_of(d, &c, &l);
-  if (l.end > room) return CLNSA_SUCCESS;
-  *use = true;
+  kvm_layout_of(d, &c, 0, &l);
+  const size_t align = 512, budget = room > l.end + align ? room - l.end - align : 0;
+  const size_t rt = ws_pass_tokens((size_t)d->B * d->TQ, budget,
+                                   4 * (size_t)d->HQ * d->S * ((size_t)d->DV + 1), "KVM_PART_MB",
+                                   "KVM_RANGE", KVM_RANGE_MIN);
+  if (rt == 0) return CLNSA_SUCCESS;
+  kvm_layout_of(d, &c, rt, &l);
+  *range_tokens = rt;
   *scratch_bytes = l.end;
   return CLNSA_SUCCESS;
 }
@@ -114,18 +132,19 @@ clnsa_status selected_kvm_enqueue(clnsa_context *ctx, const nsa_dims *d, const c
                                   const clnsa_tensor *k, const clnsa_tensor *v,
                                   const clnsa_tensor *block_indices, const clnsa_tensor *o,
                                   const clnsa_tensor *lse, cl_mem buf, size_t scratch,
-                                  enqueue_chain *c) {
+                                  size_t range_tokens, enqueue_chain *c) {
   int mma = MMA_OFF;
   CHECK_STATUS(mma_mode(ctx, &mma));
   kvm_config cfg;
-  if (mma == MMA_OFF || !kvm_configure(ctx, d, mma == MMA_EMULATED, &cfg))
+  if (mma == MMA_OFF || !kvm_configure(ctx, d, mma == MMA_EMULATED, &cfg) || range_tokens == 0)
     return clnsa_fail(ctx, CLNSA_ERR_UNSUPPORTED, "selected_kvm: no tensor-core layout fits");
   kvm_layout l;
-  kvm_layout_of(d, &cfg, &l);
+  kvm_layout_of(d, &cfg, range_tokens, &l);
   const cl_long base = (cl_long)(scratch / 4);
 #define AT(region) (base + (cl_long)(l.region / 4))
-  int64_t so[4] = {d->B, d->TQ, d->HQ, (int64_t)d->S * d->DV};
-  int64_t sl[4] = {d->B, d->TQ, d->HQ, d->S};
+  /* one range's rows: MODE 3 numbers them from the range's first token */
+  int64_t so[4] = {1, (int64_t)range_tokens, d->HQ, (int64_t)d->S * d->DV};
+  int64_t sl[4] = {1, (int64_t)range_tokens, d->HQ, d->S};
   const clnsa_tensor part_o = clnsa_tensor_make(buf, (size_t)AT(part_o), CLNSA_F32, 4, so);
   const clnsa_tensor part_lse = clnsa_tensor_make(buf, (size_t)AT(part_lse), CLNSA_F32, 4, sl);
 
@@ -157,42 +176,53 @@ clnsa_status selected_kvm_enqueue(clnsa_context *ctx, const nsa_dims *d, const c
                              AT(slot_row), AT(slot_word), l.nch,      cfg.chunk_tokens};
   CHECK_STATUS(select_mask_enqueue(ctx, d, &mk, block_indices, &at, c));
 
-  kargs a = args_begin(attend);
-  arg_tensor(&a, q);
-  arg_tensor(&a, k);
-  arg_tensor(&a, v);
-  arg_tensor(&a, block_indices);
-  arg_tensor(&a, &part_o);
-  arg_tensor(&a, &part_lse);
-  arg_seq(&a, d);
-  arg_float(&a, d->scale);
-  arg_int(&a, 0); /* W */
-  arg_int(&a, d->S);
-  arg_int(&a, 0); /* tiles */
-  arg_mem(&a, buf);
-  arg_long(&a, AT(mask));
-  arg_int(&a, l.nch);
-  arg_mem(&a, buf);
-  arg_long(&a, AT(offsets));
-  arg_long(&a, AT(slot_row));
-  arg_long(&a, AT(slot_word));
-  /* one group per chunk: the bound on their number (groups past the last return at once) */
-  size_t local = (size_t)(32 * cfg.nw);
-  size_t global = select_mask_slots(d, cfg.chunk_tokens) * local;
-  CHECK_STATUS(args_launch(ctx, c, &a, 1, &global, &local));
+  /* per range of tokens: the attention over its rows, then their merge (the chain orders
+   * each range after the previous one's merge, which last read the partials) */
+  const cl_long tokens = (cl_long)d->B * d->TQ, rt = (cl_long)range_tokens;
+  for (cl_long r0 = 0; r0 < tokens; r0 += rt) {
+    const cl_long r1 = r0 + rt < tokens ? r0 + rt : tokens, rows = (r1 - r0) * d->HQ;
+    kargs a = args_begin(attend);
+    arg_tensor(&a, q);
+    arg_tensor(&a, k);
+    arg_tensor(&a, v);
+    arg_tensor(&a, block_indices);
+    arg_tensor(&a, &part_o);
+    arg_tensor(&a, &part_lse);
+    arg_seq(&a, d);
+    arg_float(&a, d->scale);
+    arg_int(&a, 0); /* W */
+    arg_int(&a, d->S);
+    arg_int(&a, 0); /* tiles */
+    arg_mem(&a, buf);
+    arg_long(&a, AT(mask));
+    arg_int(&a, l.nch);
+    arg_mem(&a, buf);
+    arg_long(&a, AT(offsets));
+    arg_long(&a, AT(slot_row));
+    arg_long(&a, AT(slot_word));
+    arg_long(&a, r0);
+    arg_long(&a, r1);
+    /* one group per chunk: the bound on their number (groups past the last, or without
+     * the range's tokens, return at once) */
+    size_t local = (size_t)(32 * cfg.nw);
+    size_t global = select_mask_slots(d, cfg.chunk_tokens) * local;
+    CHECK_STATUS(args_launch(ctx, c, &a, 1, &global, &local));
 
-  a = args_begin(merge);
-  arg_tensor(&a, block_indices);
-  arg_mem(&a, buf);
-  arg_long(&a, AT(part_o));
-  arg_long(&a, AT(part_lse));
-  arg_tensor(&a, o);
-  arg_tensor(&a, lse);
-  arg_int(&a, d->S);
-  arg_seq(&a, d);
+    a = args_begin(merge);
+    arg_tensor(&a, block_indices);
+    arg_mem(&a, buf);
+    arg_long(&a, AT(part_o));
+    arg_long(&a, AT(part_lse));
+    arg_tensor(&a, o);
+    arg_tensor(&a, lse);
+    arg_int(&a, d->S);
+    arg_long(&a, r0 * d->HQ);
+    arg_long(&a, rows);
+    arg_seq(&a, d);
+    size_t ml[2] = {(size_t)dv4, (size_t)rpg};
+    size_t mg[2] = {(size_t)dv4, ((size_t)rows + (size_t)rpg - 1) / (size_t)rpg * (size_t)rpg};
+    CHECK_STATUS(args_launch(ctx, c, &a, 2, mg, ml));
+  }
 #undef AT
-  const size_t nr = (size_t)d->B * d->TQ * d->HQ;
-  size_t ml[2] = {(size_t)dv4, (size_t)rpg};
-  size_t mg[2] = {(size_t)dv4, (nr + (size_t)rpg - 1) / (size_t)rpg * (size_t)rpg};
-  return args_launch(ctx, c, &a, 2, mg, ml);
+  return CLNSA_SUCCESS;
 }

@@ -47,6 +47,7 @@ static clnsa_context *ctx;
 static cl_mem arena; /* every case's workspace lives somewhere in here */
 static size_t arena_bytes;
 static int tie_rows;
+static size_t last_need; /* the forward workspace bytes of the last case run */
 
 static double *rand_array(rng *r, size_t n, double lo, double hi) {
   double *x = malloc(sizeof(double) * (n ? n : 1));
@@ -302,6 +303,7 @@ static void run_case(const fcase *fc, unsigned flags, rng *r) {
   assert_int_equal(clnsa_forward_workspace_size(ctx, &p, &in, &need), CLNSA_SUCCESS);
   assert_int_equal(clnsa_backward_workspace_size(ctx, &p, &in, &need_bwd), CLNSA_SUCCESS);
   assert_true(need_bwd >= need);
+  last_need = need;
   if (cmp16) { /* the 16-bit k_cmp (and v_cmp) regions are half their f32 size */
     clnsa_params p32 = p;
     p32.flags &= ~CLNSA_FLAG_CMP_16BIT;
@@ -559,6 +561,32 @@ static void test_forward_kvm(void **state) {
   run_path_cases("forward kvm", kvm_cases, sizeof kvm_cases / sizeof kvm_cases[0], 0);
 }
 
+/* The kv-block-major forward in launches over ranges of 13 tokens (CLNSA_TUNE KVM_RANGE,
+ * what the host does where the partials of all tokens do not fit one buffer): ranges end
+ * inside mask words, inside sequences and across batch and varlen boundaries, and each
+ * chunk lists only its range's tokens. The workspace then holds one range's partials. */
+static void test_forward_kvm_ranges(void **state) {
+  (void)state;
+  rng r = {harness_seed("forward kvm ranges")};
+  char *saved = harness_tune_save();
+  run_case(&kvm_cases[0], 0, &r);
+  const size_t whole = last_need;
+  harness_tune_append("KVM_RANGE=13");
+  const size_t picks[] = {0, 1, 2, 3}; /* G = 1; B = 2, G = 3; varlen G = 2; G = 4, caller */
+  for (size_t i = 0; i < sizeof picks / sizeof picks[0]; i++) {
+    run_case(&kvm_cases[picks[i]], 0, &r);
+    if (i == 0) {
+      printf("# forward workspace: %zu bytes, %zu with ranges of 13 tokens\n", whole, last_need);
+      /* on a tensor-core path the partials are reserved, for a range at a time */
+      if (clnsa_context_tensor_cores(ctx) != CLNSA_MMA_NONE)
+        assert_true(last_need < whole);
+      else
+        assert_true(last_need == whole);
+    }
+  }
+  harness_tune_restore(saved);
+}
+
 /* CLNSA_FLAG_CMP_16BIT: the forward keeps k_cmp, v_cmp in the dtypes of k, v (the
  * reference rounds its pooled means the same way). With D in 32-wide chunks the
  * tensor-core compressed attention and top-k take the 16-bit k_cmp as it is (`test_forward
@@ -617,13 +645,14 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_forward_out_of_order),
       cmocka_unit_test(test_forward_tf32),
       cmocka_unit_test(test_forward_kvm),
+      cmocka_unit_test(test_forward_kvm_ranges),
       cmocka_unit_test(test_forward_cmp16),
   };
   /* `test_forward tensor-cores`: the TF32, kv-block-major and 16-bit k_cmp cases, on the
    * tensor-core path */
-  const struct CMUnitTest tc_only[] = {cmocka_unit_test(test_forward_tf32),
-                                       cmocka_unit_test(test_forward_kvm),
-                                       cmocka_unit_test(test_forward_cmp16)};
+  const struct CMUnitTest tc_only[] = {
+      cmocka_unit_test(test_forward_tf32), cmocka_unit_test(test_forward_kvm),
+      cmocka_unit_test(test_forward_kvm_ranges), cmocka_unit_test(test_forward_cmp16)};
   const bool tc = harness_tensor_cores_mode(ctx, argc, argv);
   if (tc) harness_tune_append("KVM_MAX_G=4"); /* the default; kept so G 3, 4 stay covered */
   int rc = tc ? cmocka_run_group_tests(tc_only, NULL, NULL) : cmocka_run_group_tests(tests, NULL, NULL);
