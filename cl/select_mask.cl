@@ -26,7 +26,11 @@ inline crow mask_row_block(__global const int *cu, int nseq, int B, int NB, int 
 /* One work-item per (32-token chunk w, sequence, kv head) owns column w of its sequence's
  * rows: it clears the rows a token of the chunk can select (c <= IC of its last token),
  * then sets its tokens' bits. Rows of later blocks are never read for this column:
- * readers start block c at word c*BS/32. */
+ * readers start block c at word c*BS/32. The bits are set by atomic_or although no other
+ * item touches the column: an atomic whose result is unused does not wait, where each
+ * `|=` waited for its load (32 tokens x S dependent round trips an item); a token's S
+ * entries are loaded 8 at a time ahead of their updates. OR commutes: the mask does not
+ * depend on their order. */
 __kernel void select_mask_build(CITENSOR(bi), __global uint *mask, long mask_off, int NCH,
                                 int S, int BS, SEQ_ARGS) {
   const int w = get_global_id(0), s = get_global_id(1), h = get_global_id(2);
@@ -47,15 +51,22 @@ __kernel void select_mask_build(CITENSOR(bi), __global uint *mask, long mask_off
     const uint bit = 1u << (t - w * 32);
     const int ic = t / BS;
     __global const int *row = bi + TIDX(bi, b, t0 + t, h);
-    for (int x = 0; x < S; x++) {
-      const int c = row[x];
-      if (c >= 0 && c <= ic) col[(long)c * NCH] |= bit;
+    for (int x0 = 0; x0 < S; x0 += 8) {
+      int c[8];
+#pragma unroll
+      for (int j = 0; j < 8; j++) c[j] = x0 + j < S ? row[x0 + j] : -1;
+#pragma unroll
+      for (int j = 0; j < 8; j++)
+        if (c[j] >= 0 && c[j] <= ic) atomic_or(col + (long)c[j] * NCH, bit);
     }
   }
 }
 
 /* One work-item per mask row walks its words and cuts the chunks: with fill = 0 it
- * writes counts[row]; with fill = 1 (offsets known) each chunk's slot_row and slot_word. */
+ * writes counts[row]; with fill = 1 (offsets known) each chunk's slot_row and slot_word.
+ * Words are loaded 8 at a time, all in flight before the walk uses them (a row at
+ * T = 65536 has up to 2048 words, which one load after another left the kernel waiting
+ * on latency with a few thousand items on the whole device). */
 __kernel void select_mask_chunks(__global const uint *mask, long mask_off, int NCH,
                                  __global int *sel, long counts_off, long offsets_off,
                                  long slot_row_off, long slot_word_off, int fill,
@@ -66,18 +77,24 @@ __kernel void select_mask_chunks(__global const uint *mask, long mask_off, int N
   __global const uint *m = mask + mask_off + (long)row * NCH;
   const int wend = (blk.tk + 31) / 32, slot0 = fill ? sel[offsets_off + row] : 0;
   int k = 0, n = 0, open = 0;
-  for (int w = blk.c * BS / 32; w < wend; w++) {
-    const int x = (int)popcount(m[w]);
-    if (x == 0) continue;
-    if (!open && fill) {
-      sel[slot_row_off + slot0 + k] = row;
-      sel[slot_word_off + slot0 + k] = w;
-    }
-    open = 1;
-    n += x;
-    if (n >= chunk_tokens) {
-      open = n = 0;
-      k++;
+  for (int w0 = blk.c * BS / 32; w0 < wend; w0 += 8) {
+    uint words[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) words[j] = w0 + j < wend ? m[w0 + j] : 0u;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const int x = (int)popcount(words[j]);
+      if (x == 0) continue;
+      if (!open && fill) {
+        sel[slot_row_off + slot0 + k] = row;
+        sel[slot_word_off + slot0 + k] = w0 + j;
+      }
+      open = 1;
+      n += x;
+      if (n >= chunk_tokens) {
+        open = n = 0;
+        k++;
+      }
     }
   }
   if (!fill) sel[counts_off + row] = k + open;
