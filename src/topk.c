@@ -105,12 +105,12 @@ static size_t topk_mma_local_bytes(const nsa_dims *d, bool kc_f32, bool emulate,
  * 32-wide chunks, 16-byte rows. With register lists (G <= 4, S <= 19) a warp takes
  * 16 MT / G tokens and NW = 4. Otherwise each warp keeps TPW tokens x CAP candidate
  * blocks of importances in local memory, which long sequences outgrow (G = 1, T = 65536:
- * 64 KiB per warp at TPW = 16, NVIDIA gives 48). The first shape that fits wins, trying TPW = 16 MT / G
- * (capped: tpw_cap below) down to 1 (fewer tokens per warp leave mma rows idle, rather
- * than leave the tensor cores for the portable kernel), for each NW = nw0 (8 at G = 1, else
- * 4) halved down to 1 (more tokens share each staged tile; the emulation runs one warp per
- * group), for each KT = 32 then 16 (32: 99 registers with f32 k_cmp, tools/ptx_check.sh;
- * 16 frees half the staged tile). G = 1,
+ * 64 KiB per warp at TPW = 16, NVIDIA gives 48). The first shape that fits wins, trying
+ * TPW = 16 MT / G (capped: tpw_cap below) down to 1 (fewer tokens per warp leave mma rows
+ * idle, rather than leave the tensor cores for the portable kernel), for each NW = nw0
+ * (8 at G = 1 with arrays, else 4) halved down to 1 (more tokens share each staged tile;
+ * the emulation runs one warp per group), for each KT = 32 then 16 (32: 99 registers with
+ * f32 k_cmp, tools/ptx_check.sh; 16 frees half the staged tile). With arrays, G = 1,
  * T = 65536, DK = 128 in 48 KiB gets TPW = 2 (the cap), NW = 4, KT = 16 (f32 k_cmp) or 32;
  * G = 16 there MT = 2, TPW = 2, NW = 4, KT = 16. CLNSA_TUNE's TOPK_KT fixes KT, TOPK_TPW
  * caps TPW, TOPK_MT sets MT (tests, experiments). Returns false where the portable kernel
