@@ -16,7 +16,12 @@
  * slot_row[slot], slot_word[slot] = the row and first word of each chunk. Over all rows
  * there are at most H*B*TQ*S/chunk_tokens + H*B*NB slots.
  */
-#define SCAN_WG 256
+#ifndef SCAN_WG
+#define SCAN_WG 256 /* select_chunk_scan's work-group: the host may lower it */
+#endif
+#ifndef CHUNK_WG
+#define CHUNK_WG 32 /* items walking one mask row (select_mask_chunks) */
+#endif
 
 /* Row r of the mask: its block and sequence. */
 inline crow mask_row_block(__global const int *cu, int nseq, int B, int NB, int TK, int r) {
@@ -62,32 +67,43 @@ __kernel void select_mask_build(CITENSOR(bi), __global uint *mask, long mask_off
   }
 }
 
-/* One work-item per mask row walks its words and cuts the chunks: with fill = 0 it
- * writes counts[row]; with fill = 1 (offsets known) each chunk's slot_row and slot_word.
- * Words are loaded 8 at a time, all in flight before the walk uses them (a row at
- * T = 65536 has up to 2048 words, which one load after another left the kernel waiting
- * on latency with a few thousand items on the whole device). */
-__kernel void select_mask_chunks(__global const uint *mask, long mask_off, int NCH,
-                                 __global int *sel, long counts_off, long offsets_off,
-                                 long slot_row_off, long slot_word_off, int fill,
-                                 int chunk_tokens, int BS, SEQ_ARGS) {
-  const int row = get_global_id(0);
-  if (row >= H * B * NB) return;
+/* One work-group of CHUNK_WG items per mask row walks its words and cuts the chunks: with
+ * fill = 0 it writes counts[row]; with fill = 1 (offsets known) each chunk's slot_row and
+ * slot_word. A round loads 4 CHUNK_WG consecutive words (coalesced, all in flight) and
+ * their popcounts go to local memory; then every item walks them in order with the same
+ * state (the cut is sequential: a chunk closes at the word that reaches chunk_tokens),
+ * and item 0 writes. One item a row, loading its words one (or eight) at a time, left
+ * the kernel waiting on latency with a few thousand items on the device (a row has up
+ * to 2048 words at T = 65536). */
+#define CHUNK_WORDS (4 * CHUNK_WG)
+__kernel __attribute__((reqd_work_group_size(CHUNK_WG, 1, 1))) void select_mask_chunks(
+    __global const uint *mask, long mask_off, int NCH, __global int *sel, long counts_off,
+    long offsets_off, long slot_row_off, long slot_word_off, int fill, int chunk_tokens, int BS,
+    SEQ_ARGS) {
+  __local int cnt[CHUNK_WORDS];
+  const int row = get_group_id(0), lid = get_local_id(0);
+  if (row >= H * B * NB) return; /* uniform over the group */
   const crow blk = mask_row_block(cu, nseq, B, NB, TK, row);
   __global const uint *m = mask + mask_off + (long)row * NCH;
   const int wend = (blk.tk + 31) / 32, slot0 = fill ? sel[offsets_off + row] : 0;
   int k = 0, n = 0, open = 0;
-  for (int w0 = blk.c * BS / 32; w0 < wend; w0 += 8) {
-    uint words[8];
+  for (int w0 = blk.c * BS / 32; w0 < wend; w0 += CHUNK_WORDS) {
+    uint words[4];
 #pragma unroll
-    for (int j = 0; j < 8; j++) words[j] = w0 + j < wend ? m[w0 + j] : 0u;
+    for (int j = 0; j < 4; j++) {
+      const int w = w0 + j * CHUNK_WG + lid;
+      words[j] = w < wend ? m[w] : 0u;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE); /* the previous round's walk is done */
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-      const int x = (int)popcount(words[j]);
+    for (int j = 0; j < 4; j++) cnt[j * CHUNK_WG + lid] = (int)popcount(words[j]);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int i = 0; i < CHUNK_WORDS; i++) {
+      const int x = cnt[i];
       if (x == 0) continue;
-      if (!open && fill) {
+      if (!open && fill && lid == 0) {
         sel[slot_row_off + slot0 + k] = row;
-        sel[slot_word_off + slot0 + k] = w0 + j;
+        sel[slot_word_off + slot0 + k] = w0 + i;
       }
       open = 1;
       n += x;
@@ -97,7 +113,7 @@ __kernel void select_mask_chunks(__global const uint *mask, long mask_off, int N
       }
     }
   }
-  if (!fill) sel[counts_off + row] = k + open;
+  if (!fill && lid == 0) sel[counts_off + row] = k + open;
 }
 
 /* offsets[0..n] = exclusive prefix sum of counts[0..n-1], by one work-group. */

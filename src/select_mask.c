@@ -54,7 +54,7 @@ clnsa_status select_mask_enqueue(clnsa_context *ctx, const nsa_dims *d,
     arg_int(&a, at->chunk_tokens);
     arg_int(&a, d->BS);
     arg_seq(&a, d);
-    size_t lc = 64, gc = ceil_div(rows, lc) * lc;
+    size_t lc = 32, gc = rows * lc; /* a group of CHUNK_WG = 32 a row */
     CHECK_STATUS(args_launch(ctx, c, &a, 1, &gc, &lc));
     if (fill) break;
     a = args_begin(k->scan);
