@@ -3,7 +3,8 @@
  * src/select_mask.c): for each kv head and block, which tokens selected it (positions =
  * token indices: full sequences only), as a bit mask, then cut into
  * chunks of similar size so that a block every token selects (block 0 always is) is
- * shared among work-groups. Integer work only, no atomics: the result does not depend on
+ * shared among work-groups. Integer work only (a column's bits set by its own item's
+ * atomic_or, for latency, not sharing; OR commutes): the result does not depend on
  * scheduling.
  *
  * mask [H*B*NB, NCH] u32, NCH = ceil(longest sequence / 32). Row h*B*NB + r belongs to kv
