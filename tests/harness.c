@@ -43,6 +43,23 @@ void harness_tune_restore(char *saved) {
   free(saved);
 }
 
+static char *tune_before; /* CLNSA_TUNE before the running test's first extension */
+static bool tune_extended;
+
+void harness_tune_extend(const char *setting) {
+  if (!tune_extended) tune_before = harness_tune_save();
+  tune_extended = true;
+  harness_tune_append(setting);
+}
+
+int harness_tune_teardown(void **state) {
+  (void)state;
+  if (tune_extended) harness_tune_restore(tune_before);
+  tune_before = NULL;
+  tune_extended = false;
+  return 0;
+}
+
 static bool tensor_cores_path(clnsa_context *ctx) {
   cl_uint vendor = 0;
   clGetDeviceInfo(clnsa_context_device(ctx), CL_DEVICE_VENDOR_ID, sizeof vendor, &vendor, NULL);

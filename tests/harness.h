@@ -24,6 +24,12 @@ void harness_tune_append(const char *setting);
 char *harness_tune_save(void);
 /* Puts CLNSA_TUNE back as harness_tune_save found it, and frees the copy. */
 void harness_tune_restore(char *saved);
+/* CLNSA_TUNE extended for one test: harness_tune_extend appends a setting, having saved
+ * the value before the test's first extension; harness_tune_teardown (a cmocka teardown,
+ * also callable directly) puts that value back, so that a failed assertion does not leave
+ * the settings to the tests after it. */
+void harness_tune_extend(const char *setting);
+int harness_tune_teardown(void **state);
 bool harness_tensor_cores_mode(clnsa_context *ctx, int argc, char **argv);
 
 /* Random numbers: one generator per test, seeded from CLNSA_TEST_SEED or the clock,

@@ -554,10 +554,9 @@ static void test_attend_tensor_cores(void **state) {
 static void test_attend_wgmma(void **state) {
   (void)state;
   rng r = {harness_seed("attend wgmma")};
-  char *saved = harness_tune_save();
   assert_int_equal(clnsa_context_wgmma(ctx), 0); /* opt-in: off unless asked */
   assert_int_equal(clnsa_context_wgmma(NULL), 0);
-  harness_tune_append("WGMMA=1");
+  harness_tune_extend("WGMMA=1");
   const int wg = clnsa_context_wgmma(ctx);
   printf("# wgmma path: %d\n", wg);
   /* the emulation takes it whenever asked (NVIDIA: Hopper only, after its probe) */
@@ -578,13 +577,13 @@ static void test_attend_wgmma(void **state) {
     for (int w = 0; w < MAX_W && cases[i].W[w] > 0; w++) run_window(&pb, cases[i].W[w]);
     problem_free(&pb);
   }
-  harness_tune_append("WG_KT=64");
+  harness_tune_extend("WG_KT=64");
   problem pb;
   problem_init(&pb, &cases[0], 0, &r);
   run_compressed(&pb);
   run_window(&pb, 200);
   problem_free(&pb);
-  harness_tune_restore(saved);
+  harness_tune_teardown(NULL);
 }
 
 /* CLNSA_FLAG_TF32 with f32 q, k, v: on a tensor-core path (NVIDIA, or CLNSA_TUNE=MMA=2)
@@ -650,9 +649,10 @@ static void test_attend_rejects(void **state) {
 int main(int argc, char **argv) {
   ctx = harness_context();
   if (harness_tensor_cores_mode(ctx, argc, argv)) {
-    const struct CMUnitTest only[] = {cmocka_unit_test(test_attend_tensor_cores),
-                                      cmocka_unit_test(test_attend_wgmma),
-                                      cmocka_unit_test(test_attend_tf32)};
+    const struct CMUnitTest only[] = {
+        cmocka_unit_test(test_attend_tensor_cores),
+        cmocka_unit_test_teardown(test_attend_wgmma, harness_tune_teardown),
+        cmocka_unit_test(test_attend_tf32)};
     int rc = cmocka_run_group_tests(only, NULL, NULL);
     clnsa_context_destroy(ctx);
     return rc;

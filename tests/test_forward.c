@@ -568,10 +568,9 @@ static void test_forward_kvm(void **state) {
 static void test_forward_kvm_ranges(void **state) {
   (void)state;
   rng r = {harness_seed("forward kvm ranges")};
-  char *saved = harness_tune_save();
   run_case(&kvm_cases[0], 0, &r);
   const size_t whole = last_need;
-  harness_tune_append("KVM_RANGE=13");
+  harness_tune_extend("KVM_RANGE=13");
   const size_t picks[] = {0, 1, 2, 3}; /* G = 1; B = 2, G = 3; varlen G = 2; G = 4, caller */
   for (size_t i = 0; i < sizeof picks / sizeof picks[0]; i++) {
     run_case(&kvm_cases[picks[i]], 0, &r);
@@ -584,7 +583,7 @@ static void test_forward_kvm_ranges(void **state) {
         assert_true(last_need == whole);
     }
   }
-  harness_tune_restore(saved);
+  harness_tune_teardown(NULL);
 }
 
 /* CLNSA_FLAG_CMP_16BIT: the forward keeps k_cmp, v_cmp in the dtypes of k, v (the
@@ -645,14 +644,15 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_forward_out_of_order),
       cmocka_unit_test(test_forward_tf32),
       cmocka_unit_test(test_forward_kvm),
-      cmocka_unit_test(test_forward_kvm_ranges),
+      cmocka_unit_test_teardown(test_forward_kvm_ranges, harness_tune_teardown),
       cmocka_unit_test(test_forward_cmp16),
   };
   /* `test_forward tensor-cores`: the TF32, kv-block-major and 16-bit k_cmp cases, on the
    * tensor-core path */
   const struct CMUnitTest tc_only[] = {
       cmocka_unit_test(test_forward_tf32), cmocka_unit_test(test_forward_kvm),
-      cmocka_unit_test(test_forward_kvm_ranges), cmocka_unit_test(test_forward_cmp16)};
+      cmocka_unit_test_teardown(test_forward_kvm_ranges, harness_tune_teardown),
+      cmocka_unit_test(test_forward_cmp16)};
   const bool tc = harness_tensor_cores_mode(ctx, argc, argv);
   if (tc) harness_tune_append("KVM_MAX_G=4"); /* the default; kept so G 3, 4 stay covered */
   int rc = tc ? cmocka_run_group_tests(tc_only, NULL, NULL) : cmocka_run_group_tests(tests, NULL, NULL);

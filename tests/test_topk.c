@@ -300,24 +300,6 @@ static void test_topk_tensor_cores(void **state) {
   printf("# topk tensor cores: %d near-tie swaps accepted in all\n", ties);
 }
 
-/* CLNSA_TUNE as it was before a test extended it (restored by restore_tune, also after a
- * failed assertion). */
-static char *saved_tune;
-static bool tune_extended;
-
-static void extend_tune(const char *extra) {
-  saved_tune = harness_tune_save();
-  tune_extended = true;
-  harness_tune_append(extra);
-}
-
-static int restore_tune(void **state) {
-  (void)state;
-  if (tune_extended) harness_tune_restore(saved_tune);
-  tune_extended = false;
-  return 0;
-}
-
 /* The tensor-core top-k with fewer tokens per warp than 16 / G (what the host picks when
  * TPW x CAP importances per warp outgrow local memory, e.g. G = 1 at T = 65536), forced
  * through CLNSA_TUNE=TOPK_TPW: the warp's rows from TPW G on are idle, and tokens advance
@@ -362,9 +344,9 @@ static void test_topk_tensor_cores_tpw(void **state) {
   int ties = 0;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     printf("# CLNSA_TUNE += %s\n", tunes[i]);
-    extend_tune(tunes[i]);
+    harness_tune_extend(tunes[i]);
     run_case(&cases[i], &r, &ties);
-    restore_tune(NULL);
+    harness_tune_teardown(NULL);
   }
   printf("# topk tensor cores TPW: %d near-tie swaps accepted in all\n", ties);
 }
@@ -417,14 +399,14 @@ int main(int argc, char **argv) {
   if (harness_tensor_cores_mode(ctx, argc, argv)) {
     const struct CMUnitTest only[] = {
         cmocka_unit_test(test_topk_tensor_cores),
-        cmocka_unit_test_teardown(test_topk_tensor_cores_tpw, restore_tune)};
+        cmocka_unit_test_teardown(test_topk_tensor_cores_tpw, harness_tune_teardown)};
     int rc = cmocka_run_group_tests(only, NULL, NULL);
     clnsa_context_destroy(ctx);
     return rc;
   }
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_topk_sweep), cmocka_unit_test(test_topk_tensor_cores),
-      cmocka_unit_test_teardown(test_topk_tensor_cores_tpw, restore_tune),
+      cmocka_unit_test_teardown(test_topk_tensor_cores_tpw, harness_tune_teardown),
       cmocka_unit_test(test_topk_errors)};
   int rc = cmocka_run_group_tests(tests, NULL, NULL);
   clnsa_context_destroy(ctx);
