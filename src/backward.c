@@ -138,8 +138,6 @@ static bool bwd_mma_qkv_fit(const nsa_dims *d, const clnsa_inputs *in) {
          tensor_rows_aligned16(in->v, d->DV);
 }
 
-#define KVQ_PASS_MIN 1024 /* fewer tokens a pass: the query-major dq runs instead */
-
 /* Whether the selected dq may run kv-block-major (bwd_dq_selected_kvm_mma), and the
  * tokens (b TQ + t) of each of its passes, so that its partials are reserved (0: not):
  * small G (CLNSA_TUNE KVQ_MAX_G; BWD_KVQ=0 turns it off) on the tensor-core path, q, k
@@ -169,7 +167,7 @@ static clnsa_status kvq_pass_tokens(clnsa_context *ctx, const nsa_dims *d,
   const size_t room = ws_scratch_room(ctx, d, in), align = 256;
   const size_t budget = room > l.end + align ? room - l.end - align : 0;
   *tokens = ws_pass_tokens((size_t)d->B * d->TQ, budget, 4 * (size_t)d->HQ * d->S * d->DK,
-                           "KVQ_PART_MB", "KVQ_PASS", KVQ_PASS_MIN);
+                           "KVQ_PART_MB", "KVQ_PASS");
   return CLNSA_SUCCESS;
 }
 

@@ -333,9 +333,11 @@ size_t ws_scratch_room(const clnsa_context *ctx, const nsa_dims *d, const clnsa_
  * per_token bytes a token, fit budget: as few passes as fit, of equal size. CLNSA_TUNE's
  * cap_mb caps a pass's partials at that many MiB, fixed_tokens sets the tokens a pass
  * below that (tests: many passes on small shapes). 0 where a pass would hold fewer than
- * min_pass tokens (and fewer than all): the caller then runs its query-major kernel. */
+ * WS_PASS_MIN tokens (and fewer than all): each pass repeats its chunks' setup, so the
+ * caller then runs its query-major kernel. */
+#define WS_PASS_MIN 1024
 size_t ws_pass_tokens(size_t all, size_t budget, size_t per_token, const char *cap_mb,
-                      const char *fixed_tokens, size_t min_pass);
+                      const char *fixed_tokens);
 
 /* backward.c: bytes of scratch the backward needs after the forward's regions (0 where
  * no backward exists). */

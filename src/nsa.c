@@ -110,14 +110,14 @@ size_t ws_scratch_room(const clnsa_context *ctx, const nsa_dims *d, const clnsa_
 }
 
 size_t ws_pass_tokens(size_t all, size_t budget, size_t per_token, const char *cap_mb,
-                      const char *fixed_tokens, size_t min_pass) {
+                      const char *fixed_tokens) {
   const size_t cap = (size_t)tuning_env_int(cap_mb, 0, 1) << 20;
   if (cap && cap < budget) budget = cap;
   size_t pt = budget / per_token;
   pt = pt < all ? pt : all;
   const int fixed = tuning_env_int(fixed_tokens, 0, 1);
   if (fixed > 0 && (size_t)fixed < pt) return (size_t)fixed;
-  if (pt == 0 || pt < (all < min_pass ? all : min_pass)) return 0;
+  if (pt == 0 || pt < (all < WS_PASS_MIN ? all : WS_PASS_MIN)) return 0;
   const size_t passes = (all + pt - 1) / pt; /* of equal size: no short last pass */
   return (all + passes - 1) / passes;
 }

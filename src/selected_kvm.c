@@ -18,7 +18,7 @@
  *
  * Where all the partials would not fit the device's largest buffer beside the rest of the
  * workspace, the kernel and the merge run once per range of tokens (b TQ + t in [r0, r1),
- * as few ranges as fit, of equal size, at least KVM_RANGE_MIN tokens; else the
+ * as few ranges as fit, of equal size, at least WS_PASS_MIN tokens; else the
  * query-major kernel runs), and the scratch holds one range's partials. Each range pays
  * its chunks' setup again (H200, bf16, G = 4, T = 65536: forward 17.0 ms in one range,
  * 17.3 in two, 18.4 in five, 22.3 query-major; G = 1: 6.48 in one, 6.63 in two).
@@ -32,7 +32,6 @@
 #include "internal.h"
 
 #define KVM_SCAN_WG 256
-#define KVM_RANGE_MIN 1024 /* fewer tokens a launch: the query-major kernel runs instead */
 
 typedef struct kvm_config {
   int nw, mt, kt, rows, chunk_tokens, lcap;
@@ -118,9 +117,9 @@ clnsa_status selected_kvm_plan(clnsa_context *ctx, const nsa_dims *d, const clns
   kvm_layout l;
   kvm_layout_of(d, &c, 0, &l);
   const size_t align = 512, budget = room > l.end + align ? room - l.end - align : 0;
-  const size_t rt = ws_pass_tokens((size_t)d->B * d->TQ, budget,
-                                   4 * (size_t)d->HQ * d->S * ((size_t)d->DV + 1), "KVM_PART_MB",
-                                   "KVM_RANGE", KVM_RANGE_MIN);
+  const size_t per_token = 4 * (size_t)d->HQ * d->S * ((size_t)d->DV + 1);
+  const size_t rt =
+      ws_pass_tokens((size_t)d->B * d->TQ, budget, per_token, "KVM_PART_MB", "KVM_RANGE");
   if (rt == 0) return CLNSA_SUCCESS;
   kvm_layout_of(d, &c, rt, &l);
   *range_tokens = rt;
