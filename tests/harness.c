@@ -30,12 +30,14 @@ void harness_tune_append(const char *setting) {
   setenv("CLNSA_TUNE", tune, 1);
 }
 
-char *harness_tune_save(void) {
+/* CLNSA_TUNE as it is now (NULL: unset), for tune_restore. */
+static char *tune_save(void) {
   const char *now = getenv("CLNSA_TUNE");
   return now ? strdup(now) : NULL;
 }
 
-void harness_tune_restore(char *saved) {
+/* Puts CLNSA_TUNE back as tune_save found it, and frees the copy. */
+static void tune_restore(char *saved) {
   if (saved)
     setenv("CLNSA_TUNE", saved, 1);
   else
@@ -47,14 +49,14 @@ static char *tune_before; /* CLNSA_TUNE before the running test's first extensio
 static bool tune_extended;
 
 void harness_tune_extend(const char *setting) {
-  if (!tune_extended) tune_before = harness_tune_save();
+  if (!tune_extended) tune_before = tune_save();
   tune_extended = true;
   harness_tune_append(setting);
 }
 
 int harness_tune_teardown(void **state) {
   (void)state;
-  if (tune_extended) harness_tune_restore(tune_before);
+  if (tune_extended) tune_restore(tune_before);
   tune_before = NULL;
   tune_extended = false;
   return 0;

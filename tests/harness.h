@@ -20,10 +20,6 @@ clnsa_context *harness_context(void);
  * passes on the portable kernels. False (nothing changed) without the argument. */
 /* Appends one NAME=VALUE setting to CLNSA_TUNE (read by the library at each call). */
 void harness_tune_append(const char *setting);
-/* CLNSA_TUNE as it is now (NULL: unset), for harness_tune_restore. */
-char *harness_tune_save(void);
-/* Puts CLNSA_TUNE back as harness_tune_save found it, and frees the copy. */
-void harness_tune_restore(char *saved);
 /* CLNSA_TUNE extended for one test: harness_tune_extend appends a setting, having saved
  * the value before the test's first extension; harness_tune_teardown (a cmocka teardown,
  * also callable directly) puts that value back, so that a failed assertion does not leave
